@@ -1,0 +1,1 @@
+"""Host-side I/O behind narrow protocols. Never imports pyvmm.kvm."""

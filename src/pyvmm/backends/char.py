@@ -1,0 +1,180 @@
+"""The host end of a serial port: stdio, a file, a Unix socket, or nothing.
+
+Output is written as the guest sends it. Input (stdin, or a socket client) is read
+on the event loop and fed to the UART only as far as its 16-byte FIFO has room; the
+source is paused while the FIFO is full and resumed when the guest drains it, so a
+fast host cannot overrun the guest and no input is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import stat
+import threading
+from typing import Protocol
+
+from pyvmm.errors import ConfigError
+from pyvmm.event import EventManager
+from pyvmm.machine.config import SerialConfig
+
+
+class InputSink(Protocol):
+    def rx_space(self) -> int: ...
+
+    def enqueue_input(self, data: bytes) -> int: ...
+
+
+class SerialIo:
+    def __init__(self, cfg: SerialConfig, events: EventManager) -> None:
+        self.cfg = cfg
+        self.events = events
+        self.sink: InputSink | None = None
+        self._out_fd: int | None = None
+        self._in_fd: int | None = None
+        self._listen: socket.socket | None = None
+        self._client: socket.socket | None = None
+        self._paused = False
+        self._lock = threading.Lock()
+        self._pending = b""  # input read but not yet accepted by the FIFO
+        if cfg.kind == "stdio":
+            self._out_fd = 1
+            if _pollable(0):
+                self._in_fd = 0
+        elif cfg.kind == "file":
+            assert cfg.path is not None
+            try:
+                self._out_fd = os.open(cfg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                                       | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise ConfigError(f"serial file {cfg.path}: {e.strerror}") from None
+        elif cfg.kind == "socket":
+            assert cfg.path is not None
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.lstat(cfg.path).st_mode):
+                        os.unlink(cfg.path)  # a stale socket of an earlier run
+                s.bind(cfg.path)
+                s.listen(1)
+            except OSError as e:
+                s.close()
+                raise ConfigError(f"serial socket {cfg.path}: {e.strerror}") from None
+            s.setblocking(False)
+            self._listen = s
+
+    def attach(self, sink: InputSink) -> None:
+        self.sink = sink
+        if self._in_fd is not None:
+            self.events.add(self._in_fd, self._on_input)
+        if self._listen is not None:
+            self.events.add(self._listen.fileno(), self._on_accept)
+
+    # --- output (vCPU thread) --------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self._out_fd is not None:
+            try:
+                os.write(self._out_fd, data)
+            except OSError:
+                self._out_fd = None  # the reader went away; the guest goes on
+        elif self._client is not None:
+            try:
+                self._client.send(data)
+            except (BlockingIOError, OSError):
+                pass  # a slow or gone client loses output rather than stalling the guest
+
+    def flush(self) -> None:
+        pass  # writes are unbuffered
+
+    # --- input (event loop) ------------------------------------------------------------
+    def _source_fd(self) -> int | None:
+        if self._client is not None:
+            return self._client.fileno()
+        return self._in_fd
+
+    def _on_accept(self, fd: int, ev: int) -> None:
+        assert self._listen is not None
+        try:
+            conn, _ = self._listen.accept()
+        except BlockingIOError:
+            return
+        if self._client is not None:
+            conn.close()  # one client at a time
+            return
+        conn.setblocking(False)
+        self._client = conn
+        self.events.add(conn.fileno(), self._on_input)
+
+    def _on_input(self, fd: int, ev: int) -> None:
+        if self.sink is None:
+            return
+        with self._lock:
+            if not self._pending:
+                try:
+                    data = os.read(fd, 4096)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    data = b""
+                if not data:  # EOF
+                    self.events.remove(fd)
+                    if self._client is not None and fd == self._client.fileno():
+                        self._client.close()
+                        self._client = None
+                    return
+                self._pending = data
+            self._feed_locked(fd)
+
+    def _feed_locked(self, fd: int | None) -> None:
+        assert self.sink is not None
+        n = self.sink.enqueue_input(self._pending)
+        self._pending = self._pending[n:]
+        if self._pending and fd is not None and not self._paused:
+            self.events.remove(fd)  # FIFO full: stop reading until the guest drains it
+            self._paused = True
+
+    def resume_input(self) -> None:
+        """Called by the UART (vCPU thread) when its FIFO has room again."""
+        self.events.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        with self._lock:
+            fd = self._source_fd()
+            if self._pending:
+                self._feed_locked(None)
+            if self._paused and not self._pending and fd is not None:
+                self._paused = False
+                self.events.add(fd, self._on_input)
+
+    def close(self) -> None:
+        if self.cfg.kind == "file" and self._out_fd is not None:
+            os.close(self._out_fd)
+            self._out_fd = None
+        if self._client is not None:
+            self._client.close()
+        if self._listen is not None:
+            self._listen.close()
+            if self.cfg.path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.cfg.path)
+            self._listen = None
+
+
+def _pollable(fd: int) -> bool:
+    """stdin can be watched by epoll only if it is a tty, pipe or socket."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return False
+    ep = select.epoll()
+    try:
+        ep.register(fd, select.EPOLLIN)
+        return True
+    except OSError:
+        return False
+    finally:
+        ep.close()

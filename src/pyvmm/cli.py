@@ -1,0 +1,103 @@
+"""``pyvmm`` command line. Every error is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import NoReturn
+
+from pyvmm.errors import ConfigError, KvmError, KvmUnavailable, PvmProbeError, PyvmmError
+from pyvmm.machine.config import MachineConfig, SerialConfig, parse_int, parse_size
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 2
+EXIT_KVM = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints usage plus the message; keep it to one line.
+        self.exit(EXIT_USAGE, f"pyvmm: error: {message} (see 'pyvmm --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pyvmm", description="A KVM VMM in Python for seeing, measuring and "
+                "changing I/O virtualization.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="boot a kernel")
+    r.add_argument("--config", help="JSON file with the same fields as the options")
+    r.add_argument("--kernel", help="ELF (PVH note or 64-bit), multiboot, or flat image")
+    r.add_argument("--memory", "-m", help="guest RAM, e.g. 64M or 1G (default 64M)")
+    r.add_argument("--cmdline", help="kernel command line")
+    r.add_argument("--serial", help="stdio (default), file:PATH, socket:PATH or none")
+    r.add_argument("--load-addr", help="load a flat binary here (forces the flat format)")
+    r.add_argument("--entry", help="entry address of a flat binary (default: load address)")
+    r.add_argument("--exits-json", help="write per-device exit accounting as JSON here")
+    r.add_argument("--debug-exit-port", help="test-exit port (default 0xf4)")
+    r.add_argument("--debug-exit-size", help="test-exit port width: 1, 2 or 4 (default 4)")
+    r.add_argument("--timeout", help="stop the VM after this many seconds (exit code 124)")
+    r.add_argument("--quiet", "-q", action="store_true", help="no exit table or notices")
+    i = sub.add_parser("info", help="describe the machine")
+    i.add_argument("--machine", action="store_true", help="print the machine map")
+    return p
+
+
+def _config_from_args(a: argparse.Namespace) -> MachineConfig:
+    fields = {
+        "kernel": a.kernel, "memory": a.memory, "cmdline": a.cmdline, "serial": a.serial,
+        "load_addr": a.load_addr, "entry": a.entry, "exits_json": a.exits_json,
+        "debug_exit_port": a.debug_exit_port, "debug_exit_size": a.debug_exit_size,
+        "timeout": a.timeout,
+    }
+    if a.config:
+        cfg = MachineConfig.from_json(a.config, fields)
+    else:
+        if not a.kernel:
+            raise ConfigError("no kernel given (use --kernel PATH or --config FILE)")
+        cfg = MachineConfig.from_dict({k: v for k, v in fields.items() if v is not None},
+                                      source="command line")
+    if a.quiet:
+        cfg.quiet = True
+    return cfg
+
+
+def _info(a: argparse.Namespace) -> int:
+    from pyvmm.machine.layout import MACHINE_MAP
+
+    print(f"{'name':16} {'space':5} {'base':>12} {'size':>8}  gsi  what")
+    for e in MACHINE_MAP:
+        gsi = "" if e.gsi is None else str(e.gsi)
+        print(f"{e.name:16} {e.space:5} {e.base:#12x} {e.size:#8x}  {gsi:3}  {e.what}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="pyvmm: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            return _info(args)
+        cfg = _config_from_args(args)
+        cfg.validate()
+        from pyvmm.machine.vm import run_machine
+
+        return run_machine(cfg).exit_code
+    except (KvmUnavailable, PvmProbeError) as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return EXIT_KVM
+    except ConfigError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KvmError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return EXIT_KVM
+    except PyvmmError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["SerialConfig", "build_parser", "main", "parse_int", "parse_size"]

@@ -1,0 +1,1 @@
+"""Device models. Each sits behind a bus and sees only (base, offset, size)."""

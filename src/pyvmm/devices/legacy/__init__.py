@@ -1,0 +1,1 @@
+"""The fixed-port PC devices: one chip a file."""

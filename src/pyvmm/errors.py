@@ -1,0 +1,61 @@
+"""One root error for everything pyvmm raises on purpose.
+
+    PyvmmError
+    ├── ConfigError          bad host input: CLI, config file, image (one-line message)
+    ├── KvmError             an ioctl failed (names the ioctl and errno)
+    │   └── KvmUnavailable   no /dev/kvm, no permission, missing capability
+    ├── PvmProbeError        the PVM behaviours the tiny-guest runtime relies on differ
+    ├── GuestMemoryError     a guest-physical access outside RAM (a device fails the request)
+    ├── BusError             overlapping or unknown bus ranges (a VMM bug, not a guest one)
+    ├── LoaderError          the kernel image cannot be loaded (a ConfigError)
+    └── StateError           a call in the wrong lifecycle state
+"""
+
+from __future__ import annotations
+
+
+class PyvmmError(Exception):
+    """Root of pyvmm's own errors."""
+
+
+class ConfigError(PyvmmError):
+    """Bad host input; the message is one line meant for the user."""
+
+
+class KvmError(PyvmmError, OSError):
+    """An ioctl on /dev/kvm or a VM/vCPU fd failed."""
+
+    def __init__(self, what: str, errno_: int) -> None:
+        import os
+
+        OSError.__init__(self, errno_, f"{what}: {os.strerror(errno_)}")
+        self.what = what
+
+
+class KvmUnavailable(PyvmmError):
+    """KVM cannot be used here: the message says why in one line."""
+
+
+class PvmProbeError(PyvmmError):
+    """The start-up probe found PVM behaving differently from what the runtime needs."""
+
+
+class GuestMemoryError(PyvmmError):
+    """A guest-physical range is not backed by guest RAM."""
+
+
+class BusError(PyvmmError):
+    """A bus range overlaps another or is not present."""
+
+
+class LoaderError(ConfigError):
+    """The kernel image is not something pyvmm can load."""
+
+
+class StateError(PyvmmError):
+    """An operation was called in a lifecycle state that does not allow it."""
+
+    def __init__(self, state: object, required: object) -> None:
+        super().__init__(f"in state {state}, needs {required}")
+        self.state = state
+        self.required = required

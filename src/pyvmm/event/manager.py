@@ -1,0 +1,70 @@
+"""One epoll loop for host I/O and device work, so devices need no threads of their own.
+
+Callbacks run on the loop's thread. ``add``/``remove`` may be called from any thread
+(epoll_ctl is thread-safe); ``call_soon`` queues work from other threads and wakes
+the loop through an eventfd.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from collections.abc import Callable
+
+Callback = Callable[[int, int], None]  # (fd, events)
+
+
+class EventManager:
+    def __init__(self) -> None:
+        self._ep = select.epoll()
+        self._cbs: dict[int, Callback] = {}
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._pending: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._ep.register(self._wake, select.EPOLLIN)
+
+    def add(self, fd: int, callback: Callback, events: int = select.EPOLLIN) -> None:
+        self._cbs[fd] = callback
+        self._ep.register(fd, events)
+
+    def remove(self, fd: int) -> None:
+        if self._cbs.pop(fd, None) is not None:
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._pending.append(fn)
+        os.eventfd_write(self._wake, 1)
+
+    def run_once(self, timeout: float | None = None) -> int:
+        """Wait up to ``timeout`` seconds (None: forever); returns events handled."""
+        try:
+            ready = self._ep.poll(-1 if timeout is None else timeout)
+        except InterruptedError:
+            return 0
+        n = 0
+        for fd, ev in ready:
+            if fd == self._wake:
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+                with self._lock:
+                    work, self._pending = self._pending, []
+                for fn in work:
+                    fn()
+                    n += 1
+                continue
+            cb = self._cbs.get(fd)
+            if cb is not None:
+                cb(fd, ev)
+                n += 1
+        return n
+
+    def close(self) -> None:
+        self._ep.close()
+        os.close(self._wake)

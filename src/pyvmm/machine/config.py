@@ -1,0 +1,146 @@
+"""Machine configuration: the same fields from the CLI or a JSON file.
+
+Every parse error is a :class:`ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pyvmm.errors import ConfigError
+from pyvmm.machine.layout import DEBUG_EXIT_BASE, MiB
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": MiB, "K": 1 << 10, "M": MiB, "G": 1 << 30, "T": 1 << 40}
+MIN_MEMORY = 2 * MiB
+
+
+def parse_size(text: str | int) -> int:
+    """'64M', '1G', '512' (MiB, as QEMU's -m) -> bytes."""
+    if isinstance(text, int):
+        return text * MiB
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"memory size {text!r} is not a size (use e.g. 64M or 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_int(text: str | int, what: str) -> int:
+    if isinstance(text, int):
+        return text
+    try:
+        return int(str(text), 0)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a number") from None
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+SERIAL_KINDS = ("stdio", "file", "socket", "none")
+
+
+@dataclass
+class SerialConfig:
+    kind: str = "stdio"
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SerialConfig:
+        kind, _, path = text.partition(":")
+        if kind not in SERIAL_KINDS:
+            raise ConfigError(
+                f"serial {text!r}: use stdio, file:PATH, socket:PATH or none"
+            )
+        if kind in ("file", "socket") and not path:
+            raise ConfigError(f"serial {text!r}: {kind} needs a path ({kind}:PATH)")
+        if kind in ("stdio", "none") and path:
+            raise ConfigError(f"serial {text!r}: {kind} takes no path")
+        return cls(kind, path or None)
+
+
+@dataclass
+class MachineConfig:
+    kernel: str
+    memory: int = 64 * MiB
+    cmdline: str = ""
+    serial: SerialConfig = field(default_factory=SerialConfig)
+    load_addr: int | None = None
+    entry: int | None = None
+    exits_json: str | None = None
+    debug_exit_port: int = DEBUG_EXIT_BASE
+    debug_exit_size: int = 4
+    timeout: float | None = None
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.memory < MIN_MEMORY:
+            raise ConfigError(f"memory {self.memory >> 20} MiB is too small (at least 2M)")
+        if self.memory % (2 * MiB):
+            raise ConfigError("memory must be a multiple of 2 MiB")
+        hm = host_memory()
+        if self.memory > hm:
+            raise ConfigError(
+                f"memory {self.memory >> 20} MiB is more than the host has ({hm >> 20} MiB)"
+            )
+        if not Path(self.kernel).is_file():
+            what = "is a directory" if Path(self.kernel).is_dir() else "not found"
+            raise ConfigError(f"kernel file {what}: {self.kernel}")
+        if self.debug_exit_size not in (1, 2, 4):
+            raise ConfigError("debug-exit size must be 1, 2 or 4")
+        if not 0 <= self.debug_exit_port <= 0xFFFF - self.debug_exit_size + 1:
+            raise ConfigError(f"debug-exit port {self.debug_exit_port:#x} is not a port")
+        if len(self.cmdline.encode()) >= 4096:
+            raise ConfigError("kernel command line is longer than 4095 bytes")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError("timeout must be positive")
+
+    @classmethod
+    def from_json(cls, path: str, overrides: dict[str, Any] | None = None) -> MachineConfig:
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path}: invalid JSON at line {e.lineno}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: top level must be an object")
+        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> MachineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]!r}")
+        if "kernel" not in raw:
+            raise ConfigError(f"{source}: no kernel given")
+        cfg = cls(kernel=str(raw["kernel"]))
+        if "memory" in raw:
+            cfg.memory = parse_size(raw["memory"])
+        if "cmdline" in raw:
+            cfg.cmdline = str(raw["cmdline"])
+        if "serial" in raw:
+            cfg.serial = SerialConfig.parse(str(raw["serial"]))
+        for name in ("load_addr", "entry", "debug_exit_port", "debug_exit_size"):
+            if raw.get(name) is not None:
+                setattr(cfg, name, parse_int(raw[name], name.replace("_", "-")))
+        if raw.get("exits_json") is not None:
+            cfg.exits_json = str(raw["exits_json"])
+        if raw.get("timeout") is not None:
+            try:
+                cfg.timeout = float(raw["timeout"])
+            except (TypeError, ValueError):
+                raise ConfigError(f"timeout {raw['timeout']!r} is not a number") from None
+        if "quiet" in raw:
+            cfg.quiet = bool(raw["quiet"])
+        return cfg

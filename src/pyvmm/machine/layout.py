@@ -1,0 +1,69 @@
+"""The x86 machine map in one table: every port range, MMIO window, boot structure
+and GSI pyvmm uses. Devices and loaders take their addresses from here, and
+``pyvmm info --machine`` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    name: str
+    space: str  # "pio", "mmio", "ram" (boot structures in RAM)
+    base: int
+    size: int
+    gsi: int | None = None
+    what: str = ""
+
+
+# --- boot structures in low RAM (below the 1 MiB image area) ---------------------------
+BOOT_GDT = 0x500
+PVH_START_INFO = 0x6000
+PVH_MEMMAP = 0x6100
+MULTIBOOT_INFO = 0x6800
+MULTIBOOT_MMAP = 0x6900
+CMDLINE = 0x7000
+CMDLINE_MAX = 0x1000
+IDENTITY_PML4 = 0x9000  # + PDPT + 4 PDs = 0x9000..0xEFFF
+KERNEL_DEFAULT_LOAD = 0x100000
+# KVM needs three pages for the real-mode TSS (VMX only; harmless elsewhere).
+KVM_TSS_ADDR = 0xFFFBD000
+
+# --- RAM ---------------------------------------------------------------------------------
+PCI_HOLE_START = 0xC0000000  # RAM above this is remapped above 4 GiB
+RAM_ABOVE_4G = 1 << 32
+
+# --- devices -----------------------------------------------------------------------------
+COM1_BASE, COM1_GSI = 0x3F8, 4
+I8042_BASE = 0x60  # 0x60 data, 0x64 status/command: one 5-port window
+DEBUG_EXIT_BASE = 0xF4
+POST_PORT = 0x80
+TESTDEV_MMIO = 0xFEF00000
+
+MACHINE_MAP: tuple[MapEntry, ...] = (
+    MapEntry("boot-gdt", "ram", BOOT_GDT, 0x20, what="GDT for the kernel's entry"),
+    MapEntry("pvh-start-info", "ram", PVH_START_INFO, 0x100, what="struct hvm_start_info"),
+    MapEntry("pvh-memmap", "ram", PVH_MEMMAP, 0x700, what="PVH e820 table"),
+    MapEntry("multiboot-info", "ram", MULTIBOOT_INFO, 0x100, what="struct multiboot_info"),
+    MapEntry("multiboot-mmap", "ram", MULTIBOOT_MMAP, 0x700, what="multiboot memory map"),
+    MapEntry("cmdline", "ram", CMDLINE, CMDLINE_MAX, what="kernel command line"),
+    MapEntry("identity-pt", "ram", IDENTITY_PML4, 0x6000, what="page tables, 64-bit start"),
+    MapEntry("kernel", "ram", KERNEL_DEFAULT_LOAD, 0, what="kernel image (ELF p_paddr)"),
+    MapEntry("i8042", "pio", I8042_BASE, 5, what="keyboard controller (reset line)"),
+    MapEntry("post", "pio", POST_PORT, 1, what="POST code sink (I/O delay port)"),
+    MapEntry("debug-exit", "pio", DEBUG_EXIT_BASE, 4, what="isa-debug-exit compatible"),
+    MapEntry("serial0", "pio", COM1_BASE, 8, gsi=COM1_GSI, what="16550A UART (COM1)"),
+    MapEntry("testdev", "mmio", TESTDEV_MMIO, 0x1000, what="pyvmm test register"),
+)
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """(guest address, size) of RAM regions for ``size`` bytes of guest memory."""
+    if size <= PCI_HOLE_START:
+        return [(0, size)]
+    return [(0, PCI_HOLE_START), (RAM_ABOVE_4G, size - PCI_HOLE_START)]

@@ -1,0 +1,330 @@
+"""A running machine: KVM VM, guest RAM, buses, legacy devices, the vCPU run loop.
+
+Threads: the vCPU thread only runs KVM_RUN and dispatches exits to the buses; the
+caller's thread runs the event loop (host I/O such as serial input) and waits for
+the VM to stop. A stop — test-exit port, i8042 reset, triple fault, error, timeout,
+Ctrl-C — is recorded once and the vCPU is kicked out of KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyvmm import pvm
+from pyvmm.bus import IoBus, MmioBus
+from pyvmm.devices.legacy.debug_exit import DebugExit
+from pyvmm.devices.legacy.i8042 import I8042
+from pyvmm.devices.legacy.uart import Serial
+from pyvmm.devices.testdev import TestDev
+from pyvmm.errors import KvmError
+from pyvmm.event import EventManager
+from pyvmm.backends.char import SerialIo
+from pyvmm.irq.line import KvmIrqLine
+from pyvmm.kvm import Kvm, Vcpu, Vm, exits
+from pyvmm.kvm.ioctl import EINTR, get_errno, ioctl_int
+from pyvmm.kvm.vcpu import install_kick_handler
+from pyvmm.loader import load_kernel
+from pyvmm.loader.boot import setup_entry_state, write_multiboot_info, write_pvh_start_info
+from pyvmm.loader.e820 import e820_map
+from pyvmm.loader.image import BootImage, Format
+from pyvmm.machine import layout as L
+from pyvmm.machine.config import MachineConfig
+from pyvmm.memory import GuestMemory
+from pyvmm.ratelimit_log import OnceLog
+from pyvmm.uapi import kvm as K
+
+REQUIRED_CAPS = (
+    K.KVM_CAP_USER_MEMORY,
+    K.KVM_CAP_IRQCHIP,
+    K.KVM_CAP_IOEVENTFD,
+    K.KVM_CAP_IRQFD,
+    K.KVM_CAP_IMMEDIATE_EXIT,
+    K.KVM_CAP_EXT_CPUID,
+)
+
+EXIT_NAMES = {v: k[len("KVM_EXIT_"):].lower() for k, v in vars(K).items()
+              if k.startswith("KVM_EXIT_") and isinstance(v, int) and k not in (
+                  "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
+
+
+@dataclass
+class RunResult:
+    reason: str  # "debug-exit", "reset", "shutdown", "error", "timeout", "interrupted"
+    exit_code: int
+    message: str = ""
+    wall_time: float = 0.0
+    exit_counts: dict[str, int] = field(default_factory=dict)
+
+
+class Machine:
+    def __init__(self, cfg: MachineConfig, kvm: Kvm | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.kvm = kvm or Kvm()
+        self._own_kvm = kvm is None
+        self.kvm.require(REQUIRED_CAPS)
+        self.is_pvm = pvm.check(self.kvm, quiet=cfg.quiet)
+        self.guest_errors = OnceLog()
+        self.exit_counts: Counter[int] = Counter()
+        self.result: RunResult | None = None
+        self._stop_lock = threading.Lock()
+        self._stopping = False
+        self.events = EventManager()
+        self.vm = Vm(self.kvm)
+        self.mem = GuestMemory(L.ram_layout(cfg.memory))
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- assembly --------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, vm = self.cfg, self.vm
+        vm.set_tss_addr(L.KVM_TSS_ADDR)
+        vm.create_irqchip()
+        for slot, r in enumerate(self.mem.regions()):
+            vm.set_user_memory_region(slot, r.guest_addr, r.size, r.host_addr)
+
+        self.pio = IoBus()
+        self.mmio = MmioBus()
+        self.serial_io = SerialIo(cfg.serial, self.events)
+        self.serial = Serial(
+            output=self.serial_io.write,
+            irq=KvmIrqLine(vm, L.COM1_GSI),
+            on_rx_space=self.serial_io.resume_input,
+        )
+        self.serial_io.attach(self.serial)
+        self.pio.insert(self.serial, L.COM1_BASE, 8, "serial0")
+        self.i8042 = I8042(on_reset=lambda: self.stop("reset", 0, "guest reset via i8042"))
+        self.pio.insert(self.i8042, L.I8042_BASE, 5, "i8042")
+        self.debug_exit = DebugExit(self._on_debug_exit, cfg.debug_exit_size)
+        self.pio.insert(self.debug_exit, cfg.debug_exit_port, cfg.debug_exit_size, "debug-exit")
+        self.pio.insert(_Sink(), L.POST_PORT, 1, "post")
+        self.testdev = TestDev()
+        self.mmio.insert(self.testdev, L.TESTDEV_MMIO, 0x1000, "testdev")
+
+        self.image = load_kernel(cfg.kernel, self.mem, load_addr=cfg.load_addr, entry=cfg.entry)
+        self.vcpu = vm.create_vcpu(0)
+        self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
+        self._write_boot_info(self.image)
+
+    def _write_boot_info(self, img: BootImage) -> None:
+        e820 = e820_map(self.cfg.memory, L.PCI_HOLE_START)
+        self.mem.write(L.CMDLINE, self.cfg.cmdline.encode() + b"\0")
+        if img.format is Format.MULTIBOOT:
+            write_multiboot_info(self.mem, L.MULTIBOOT_INFO, L.CMDLINE, L.MULTIBOOT_MMAP, e820)
+            info = L.MULTIBOOT_INFO
+        else:
+            write_pvh_start_info(self.mem, L.PVH_START_INFO, L.CMDLINE, L.PVH_MEMMAP, e820)
+            info = L.PVH_START_INFO
+        setup_entry_state(self.vcpu, self.mem, img, gdt_addr=L.BOOT_GDT,
+                          pml4_addr=L.IDENTITY_PML4, info_addr=info)
+
+    # --- stopping --------------------------------------------------------------------
+    def _on_debug_exit(self, code: int) -> None:
+        self.stop("debug-exit", code, f"guest wrote {(code - 1) >> 1:#x} to the test-exit port")
+
+    def stop(self, reason: str, code: int, message: str = "") -> None:
+        with self._stop_lock:
+            if self.result is None:
+                self.result = RunResult(reason, code, message)
+            self._stopping = True
+        if threading.get_ident() != self.vcpu.thread_id:
+            self.vcpu.kick()
+        self.events.call_soon(lambda: None)  # wake the event loop
+
+    # --- running ---------------------------------------------------------------------
+    def run(self) -> RunResult:
+        install_kick_handler()
+        t0 = time.monotonic()
+        thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
+        thread.start()
+        deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
+        try:
+            while not self._stopping:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self.events.run_once(wait)
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop("timeout", 124, f"no result within {self.cfg.timeout:g} s")
+        except KeyboardInterrupt:
+            self.stop("interrupted", 130, "interrupted")
+        while thread.is_alive():
+            self.vcpu.kick()
+            thread.join(0.05)
+        assert self.result is not None
+        self.result.wall_time = time.monotonic() - t0
+        self.result.exit_counts = {EXIT_NAMES.get(k, str(k)): v
+                                   for k, v in sorted(self.exit_counts.items())}
+        self.serial_io.flush()
+        return self.result
+
+    def _vcpu_thread(self) -> None:
+        vcpu = self.vcpu
+        vcpu.thread_id = threading.get_ident()
+        try:
+            self._run_loop(vcpu)
+        except KvmError as e:
+            self.stop("error", 1, f"KVM_RUN failed: {e}")
+        except Exception as e:  # a VMM bug: report it, never hang the caller
+            self.stop("error", 1, f"internal error in the vCPU loop: {e!r}")
+
+    def _run_loop(self, vcpu: Vcpu) -> None:
+        # The hot path: raw ioctl, fields unpacked from the run page, bus dispatch.
+        # Everything the loop touches is bound to locals first.
+        run = vcpu.run_page
+        fd = vcpu.fd
+        kvm_run = K.KVM_RUN
+        io_hdr = struct.Struct("<BBHIQ").unpack_from
+        mmio_hdr = struct.Struct("<QQIB").unpack_from
+        reason_of = struct.Struct("<I").unpack_from
+        pio_read, pio_write = self.pio.read, self.pio.write
+        mmio_read, mmio_write = self.mmio.read, self.mmio.write
+        counts = self.exit_counts
+        EXIT_IO, EXIT_MMIO = K.KVM_EXIT_IO, K.KVM_EXIT_MMIO  # noqa: N806
+        n_io = n_mmio = 0
+        try:
+            while not self._stopping:
+                if ioctl_int(fd, kvm_run, 0) < 0:
+                    err = get_errno()
+                    if err != EINTR:
+                        raise KvmError("KVM_RUN", err)
+                    run[K.KVM_RUN_IMMEDIATE_EXIT] = 0
+                    counts[K.KVM_EXIT_INTR] += 1
+                    continue
+                reason = reason_of(run, 8)[0]
+                try:
+                    if reason == EXIT_IO:
+                        n_io += 1
+                        direction, size, port, count, off = io_hdr(run, 32)
+                        for _ in range(count):
+                            if direction:
+                                pio_write(port, size, int.from_bytes(run[off:off + size], "little"))
+                            else:
+                                run[off:off + size] = pio_read(port, size).to_bytes(size, "little")
+                            off += size
+                    elif reason == EXIT_MMIO:
+                        n_mmio += 1
+                        addr, data, length, is_write = mmio_hdr(run, 32)
+                        if length > 8:
+                            length = 8
+                        if is_write:
+                            mmio_write(addr, length, data & ((1 << (8 * length)) - 1))
+                        else:
+                            v = mmio_read(addr, length)
+                            run[40:40 + length] = v.to_bytes(length, "little")
+                    else:
+                        counts[reason] += 1
+                        self._slow_exit(exits.decode(run))
+                except Exception as e:  # a device raised on guest input: contain it
+                    self.guest_errors.warn(f"device-error:{type(e).__name__}",
+                                           f"device error handling exit {reason}: {e!r}")
+        finally:
+            counts[EXIT_IO] += n_io
+            counts[EXIT_MMIO] += n_mmio
+
+    def _slow_exit(self, e: exits.Exit) -> None:
+        if isinstance(e, exits.ShutdownExit):
+            self.stop("shutdown", 1, "guest triple fault (KVM_EXIT_SHUTDOWN)")
+        elif isinstance(e, exits.SystemEventExit):
+            if e.type == K.KVM_SYSTEM_EVENT_RESET:
+                self.stop("reset", 0, "guest reset")
+            else:
+                self.stop("shutdown", 0, f"guest system event {e.type}")
+        elif isinstance(e, exits.InternalErrorExit):
+            regs = self.vcpu.get_regs()
+            self.stop("error", 1, f"KVM internal error at rip={regs.rip:#x}: {e.describe()}")
+        elif isinstance(e, exits.FailEntryExit):
+            self.stop("error", 1, f"KVM entry failed, hardware reason {e.reason:#x}")
+        elif isinstance(e, exits.HltExit):
+            self.stop("shutdown", 0, "guest halted")
+        elif isinstance(e, exits.InterruptedExit):
+            pass
+        else:
+            self.guest_errors.warn(f"exit:{type(e).__name__}", f"unhandled exit {e}")
+
+    # --- reporting -------------------------------------------------------------------
+    def exit_report(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "result": None if r is None else {
+                "reason": r.reason, "exit_code": r.exit_code, "message": r.message,
+                "wall_time_s": r.wall_time,
+            },
+            "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(self.exit_counts.items())},
+            "buses": [self.pio.snapshot(), self.mmio.snapshot()],
+            "guest_errors": dict(self.guest_errors.counts),
+            "serial": {"tx_bytes": self.serial.tx_bytes, "rx_dropped": self.serial.rx_dropped},
+        }
+
+    def write_exits_json(self, path: str) -> None:
+        Path(path).write_text(json.dumps(self.exit_report(), indent=2) + "\n")
+
+    def format_exit_table(self) -> str:
+        rows = [("device", "bus", "base", "reads", "writes", "exits")]
+        for bus in (self.pio, self.mmio):
+            for r in bus.ranges():
+                if r.reads or r.writes:
+                    rows.append((r.name, bus.kind, f"{r.base:#x}", str(r.reads), str(r.writes),
+                                 str(r.reads + r.writes)))
+            unclaimed: Counter[int] = Counter()
+            for (_, addr), c in bus.unclaimed.items():
+                unclaimed[addr] += c
+            for addr, c in sorted(unclaimed.items()):
+                rd = bus.unclaimed.get(("r", addr), 0)
+                rows.append(("(unclaimed)", bus.kind, f"{addr:#x}", str(rd), str(c - rd), str(c)))
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+                 for row in rows]
+        total = sum(self.exit_counts.values())
+        kinds = ", ".join(f"{EXIT_NAMES.get(k, k)} {v}" for k, v in sorted(self.exit_counts.items()))
+        lines.append(f"total exits: {total} ({kinds})")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        if hasattr(self, "serial_io"):
+            self.serial_io.close()
+        self.vm.close()
+        self.mem.close()
+        self.events.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Sink:
+    """Port 0x80: POST codes and I/O delays; writes are dropped, reads see 0xff."""
+
+    def read(self, base: int, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, base: int, offset: int, size: int, value: int) -> None:
+        pass
+
+
+def run_machine(cfg: MachineConfig, stream: Any = None) -> RunResult:
+    """Build, run and report (the CLI's ``run``)."""
+    out = stream or sys.stderr
+    with Machine(cfg) as m:
+        result = m.run()
+        if not cfg.quiet:
+            print(f"pyvmm: VM stopped: {result.message or result.reason} "
+                  f"(exit code {result.exit_code}, {result.wall_time:.3f} s)", file=out)
+            print(m.format_exit_table(), file=out)
+        if cfg.exits_json:
+            m.write_exits_json(cfg.exits_json)
+        return result

@@ -1,0 +1,125 @@
+"""Guest-physical memory as the VMM and its device models see it.
+
+Each region is a memfd mapped MAP_SHARED, so another process (a vhost-user or
+vfio-user backend) can map the same pages from the fd. Devices use the consumer API
+only — ``read``, ``write``, ``view`` — and every access is bounds-checked: a guest
+address outside RAM raises :class:`GuestMemoryError`, which a device turns into a
+failed request, never into a crash.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from pyvmm.errors import GuestMemoryError
+
+
+@dataclass(eq=False)
+class GuestRegion:
+    guest_addr: int
+    size: int
+    fd: int
+    map: mmap.mmap
+    name: str = "ram"
+    host_addr: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The address KVM_SET_USER_MEMORY_REGION needs. from_buffer keeps an export
+        # on the mmap for the region's lifetime, which is what we want.
+        self._anchor = ctypes.c_char.from_buffer(self.map)
+        self.host_addr = ctypes.addressof(self._anchor)
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + self.size
+
+
+class GuestMemory:
+    """A sorted set of non-overlapping RAM regions."""
+
+    def __init__(self, layout: Sequence[tuple[int, int]] = (), name: str = "pyvmm-ram") -> None:
+        self._regions: list[GuestRegion] = []
+        self._starts: list[int] = []
+        for gpa, size in layout:
+            self.add_region(gpa, size, name)
+
+    def add_region(self, guest_addr: int, size: int, name: str = "pyvmm-ram") -> GuestRegion:
+        if size <= 0 or size % mmap.PAGESIZE or guest_addr % mmap.PAGESIZE:
+            raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} is not page-aligned")
+        for r in self._regions:
+            if guest_addr < r.end and r.guest_addr < guest_addr + size:
+                raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} overlaps {r.name}")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            raise
+        region = GuestRegion(guest_addr, size, fd, m, name)
+        i = bisect.bisect(self._starts, guest_addr)
+        self._regions.insert(i, region)
+        self._starts.insert(i, guest_addr)
+        return region
+
+    def regions(self) -> Iterator[GuestRegion]:
+        return iter(self._regions)
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    def close(self) -> None:
+        for r in self._regions:
+            del r._anchor
+            r.map.close()
+            os.close(r.fd)
+        self._regions.clear()
+        self._starts.clear()
+
+    # --- consumer API --------------------------------------------------------------
+    def _locate(self, addr: int, n: int) -> tuple[GuestRegion, int]:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and n >= 0:
+            r = self._regions[i]
+            off = addr - r.guest_addr
+            if off + n <= r.size:
+                return r, off
+        raise GuestMemoryError(f"guest range {addr:#x}+{n:#x} is not in guest RAM")
+
+    def contains(self, addr: int, n: int = 1) -> bool:
+        try:
+            self._locate(addr, n)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, addr: int, n: int) -> memoryview:
+        """A zero-copy view of ``n`` bytes; the range must lie within one region."""
+        r, off = self._locate(addr, n)
+        return memoryview(r.map)[off : off + n]
+
+    def read(self, addr: int, n: int) -> bytes:
+        r, off = self._locate(addr, n)
+        return r.map[off : off + n]
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        r, off = self._locate(addr, len(data))
+        r.map[off : off + len(data)] = data
+
+    def read_int(self, addr: int, size: int) -> int:
+        return int.from_bytes(self.read(addr, size), "little")
+
+    def write_int(self, addr: int, size: int, value: int) -> None:
+        self.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
