@@ -154,6 +154,13 @@ _start64:
     jne 2b
     lidt idt_ptr(%rip)
 
+    /* Mask both 8259s: firmware (SeaBIOS under QEMU) may have left the PIT's IRQ0
+     * live at vector 8. Device tests unmask what they use. In pyvmm the in-kernel
+     * PIC takes these writes without a userspace exit. */
+    mov $0xff, %al
+    outb %al, $0x21
+    outb %al, $0xa1
+
     /* Drop to CPL3 with interrupts enabled. */
     pushq $SEL_UDATA
     lea ustack_top(%rip), %rax

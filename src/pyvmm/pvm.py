@@ -11,8 +11,10 @@ with a clear message if any step differs from what was measured.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import sys
+from typing import TextIO
 
 from pyvmm.errors import KvmError, PvmProbeError
 from pyvmm.kvm import exits
@@ -30,12 +32,12 @@ _probe_result: bool | None = None
 _notice_shown = False
 
 
-def announce(stream: object = None) -> None:
+def announce(stream: TextIO | None = None) -> None:
     """Say once per process that this is PVM."""
     global _notice_shown
     if not _notice_shown:
         _notice_shown = True
-        print(PVM_NOTICE, file=stream or sys.stderr)  # type: ignore[call-overload]
+        print(PVM_NOTICE, file=stream or sys.stderr)
 
 
 # GDT: null, kernel code64, kernel data, user data, user code64, 16-byte TSS.
@@ -68,10 +70,8 @@ def run_probe(kvm: Kvm) -> list[str]:
     mem = GuestMemory([(0, 2 << 20)], name="pyvmm-pvm-probe")
     problems: list[str] = []
     try:
-        try:
+        with contextlib.suppress(KvmError):  # not needed on PVM; harmless where it fails
             vm.set_tss_addr(0xFFFBD000)
-        except KvmError:
-            pass  # not needed on PVM; harmless where it fails
         r = next(mem.regions())
         vm.set_user_memory_region(0, 0, r.size, r.host_addr)
         mem.write(0x0, _GDT)

@@ -80,10 +80,9 @@ class SerialIo:
             except OSError:
                 self._out_fd = None  # the reader went away; the guest goes on
         elif self._client is not None:
-            try:
+            # A slow or gone client loses output rather than stalling the guest.
+            with contextlib.suppress(OSError):
                 self._client.send(data)
-            except (BlockingIOError, OSError):
-                pass  # a slow or gone client loses output rather than stalling the guest
 
     def flush(self) -> None:
         pass  # writes are unbuffered

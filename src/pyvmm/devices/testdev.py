@@ -11,6 +11,7 @@ TESTDEV_SIZE = 0x1000
 
 
 class TestDev:
+    __test__ = False  # not a pytest class despite the name
     def __init__(self) -> None:
         self.data = 0
         self.writes = 0

@@ -7,6 +7,7 @@ the loop through an eventfd.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -30,10 +31,8 @@ class EventManager:
 
     def remove(self, fd: int) -> None:
         if self._cbs.pop(fd, None) is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         with self._lock:
@@ -49,10 +48,8 @@ class EventManager:
         n = 0
         for fd, ev in ready:
             if fd == self._wake:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wake)
-                except BlockingIOError:
-                    pass
                 with self._lock:
                     work, self._pending = self._pending, []
                 for fn in work:

@@ -74,12 +74,12 @@ class InternalErrorExit:
             K.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
         }
         text = names.get(self.suberror, f"suberror {self.suberror}")
-        if self.suberror == K.KVM_INTERNAL_ERROR_EMULATION and len(self.data) >= 2:
-            # data[0] flags (1 = instruction bytes present), data[1] length, then bytes.
-            if self.data[0] & 1:
-                n = self.data[1] & 0xFF
-                raw = b"".join(d.to_bytes(8, "little") for d in self.data[2:])[:n]
-                text += f" (insn bytes {raw.hex(' ')})"
+        # data[0] flags (1 = instruction bytes present), data[1] length, then bytes.
+        if (self.suberror == K.KVM_INTERNAL_ERROR_EMULATION and len(self.data) >= 2
+                and self.data[0] & 1):
+            n = self.data[1] & 0xFF
+            raw = b"".join(d.to_bytes(8, "little") for d in self.data[2:])[:n]
+            text += f" (insn bytes {raw.hex(' ')})"
         return text
 
 
@@ -141,12 +141,12 @@ def decode(run: memoryview | bytes | bytearray) -> Exit:
         return IoapicEoiExit(run[K.KVM_RUN_EOI_VECTOR])
     if reason == K.KVM_EXIT_SYSTEM_EVENT:
         typ, ndata = struct.unpack_from("<II", run, K.KVM_RUN_SYSTEM_EVENT_TYPE)
-        data = struct.unpack_from(f"<{min(ndata, 16)}Q", run, K.KVM_RUN_SYSTEM_EVENT_TYPE + 8)
-        return SystemEventExit(typ, tuple(data))
+        ev = struct.unpack_from(f"<{min(ndata, 16)}Q", run, K.KVM_RUN_SYSTEM_EVENT_TYPE + 8)
+        return SystemEventExit(typ, tuple(ev))
     if reason == K.KVM_EXIT_INTERNAL_ERROR:
         sub, ndata = struct.unpack_from("<II", run, K.KVM_RUN_INTERNAL_SUBERROR)
-        data = struct.unpack_from(f"<{min(ndata, 16)}Q", run, K.KVM_RUN_INTERNAL_DATA)
-        return InternalErrorExit(sub, tuple(data))
+        words = struct.unpack_from(f"<{min(ndata, 16)}Q", run, K.KVM_RUN_INTERNAL_DATA)
+        return InternalErrorExit(sub, tuple(words))
     if reason == K.KVM_EXIT_FAIL_ENTRY:
         return FailEntryExit(_u64.unpack_from(run, K.KVM_RUN_FAIL_ENTRY_REASON)[0])
     return UnknownExit(reason)

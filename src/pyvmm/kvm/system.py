@@ -19,7 +19,8 @@ PVM_MODULE = Path("/sys/module/kvm_pvm")
 class Kvm:
     """An open /dev/kvm. One per process is enough; VMs share it."""
 
-    def __init__(self, path: str = DEV_KVM) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or DEV_KVM
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -73,7 +73,7 @@ def _load_elf(data: bytes, mem: GuestMemory, path: str) -> BootImage:
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_NOTE":
                 continue
-            for note in seg.iter_notes():
+            for note in seg.iter_notes():  # type: ignore[attr-defined]
                 if note["n_name"] == "Xen" and note["n_type"] == XEN_ELFNOTE_PHYS32_ENTRY:
                     desc = note["n_descdata"]
                     if isinstance(desc, str):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvmm import pvm
+from pyvmm.backends.char import SerialIo
 from pyvmm.bus import IoBus, MmioBus
 from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
@@ -26,7 +27,6 @@ from pyvmm.devices.legacy.uart import Serial
 from pyvmm.devices.testdev import TestDev
 from pyvmm.errors import KvmError
 from pyvmm.event import EventManager
-from pyvmm.backends.char import SerialIo
 from pyvmm.irq.line import KvmIrqLine
 from pyvmm.kvm import Kvm, Vcpu, Vm, exits
 from pyvmm.kvm.ioctl import EINTR, get_errno, ioctl_int
@@ -189,7 +189,7 @@ class Machine:
         pio_read, pio_write = self.pio.read, self.pio.write
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         counts = self.exit_counts
-        EXIT_IO, EXIT_MMIO = K.KVM_EXIT_IO, K.KVM_EXIT_MMIO  # noqa: N806
+        EXIT_IO, EXIT_MMIO = K.KVM_EXIT_IO, K.KVM_EXIT_MMIO
         n_io = n_mmio = 0
         try:
             while not self._stopping:
@@ -286,7 +286,8 @@ class Machine:
                            for i, (c, w) in enumerate(zip(row, widths, strict=True)))
                  for row in rows]
         total = sum(self.exit_counts.values())
-        kinds = ", ".join(f"{EXIT_NAMES.get(k, k)} {v}" for k, v in sorted(self.exit_counts.items()))
+        kinds = ", ".join(f"{EXIT_NAMES.get(k, k)} {v}"
+                          for k, v in sorted(self.exit_counts.items()))
         lines.append(f"total exits: {total} ({kinds})")
         return "\n".join(lines)
 

@@ -10,6 +10,7 @@ failed request, never into a crash.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import mmap
 import os
@@ -77,7 +78,9 @@ class GuestMemory:
     def close(self) -> None:
         for r in self._regions:
             del r._anchor
-            r.map.close()
+            # A device may still hold a view; then the mapping goes with the last one.
+            with contextlib.suppress(BufferError):
+                r.map.close()
             os.close(r.fd)
         self._regions.clear()
         self._starts.clear()

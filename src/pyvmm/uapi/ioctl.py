@@ -23,7 +23,7 @@ def _size(t: type_ctype) -> int:
     return t if isinstance(t, int) else ctypes.sizeof(t)
 
 
-def _IOC(direction: int, typ: int, nr: int, size: int) -> int:  # noqa: N802 - UAPI name
+def _IOC(direction: int, typ: int, nr: int, size: int) -> int:
     return (
         (direction << _IOC_DIRSHIFT)
         | (typ << _IOC_TYPESHIFT)
@@ -32,17 +32,17 @@ def _IOC(direction: int, typ: int, nr: int, size: int) -> int:  # noqa: N802 - U
     )
 
 
-def _IO(typ: int, nr: int) -> int:  # noqa: N802
+def _IO(typ: int, nr: int) -> int:
     return _IOC(_IOC_NONE, typ, nr, 0)
 
 
-def _IOR(typ: int, nr: int, t: type_ctype) -> int:  # noqa: N802
+def _IOR(typ: int, nr: int, t: type_ctype) -> int:
     return _IOC(_IOC_READ, typ, nr, _size(t))
 
 
-def _IOW(typ: int, nr: int, t: type_ctype) -> int:  # noqa: N802
+def _IOW(typ: int, nr: int, t: type_ctype) -> int:
     return _IOC(_IOC_WRITE, typ, nr, _size(t))
 
 
-def _IOWR(typ: int, nr: int, t: type_ctype) -> int:  # noqa: N802
+def _IOWR(typ: int, nr: int, t: type_ctype) -> int:
     return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, _size(t))

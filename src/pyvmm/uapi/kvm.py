@@ -64,16 +64,19 @@ CAP_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_CAP_")}
 
 
 # --- structures -------------------------------------------------------------------------
-class kvm_regs(C.Structure):  # noqa: N801 - UAPI name
+class kvm_regs(C.Structure):
     _fields_ = [
         (n, C.c_uint64)
         for n in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+            [
+                "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9",
+                "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+            ]
         )
     ]
 
 
-class kvm_segment(C.Structure):  # noqa: N801
+class kvm_segment(C.Structure):
     _fields_ = [
         ("base", C.c_uint64),
         ("limit", C.c_uint32),
@@ -91,14 +94,14 @@ class kvm_segment(C.Structure):  # noqa: N801
     ]
 
 
-class kvm_dtable(C.Structure):  # noqa: N801
+class kvm_dtable(C.Structure):
     _fields_ = [("base", C.c_uint64), ("limit", C.c_uint16), ("padding", C.c_uint16 * 3)]
 
 
 KVM_NR_INTERRUPTS = 256
 
 
-class kvm_sregs(C.Structure):  # noqa: N801
+class kvm_sregs(C.Structure):
     _fields_ = [
         *((n, kvm_segment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
         ("gdt", kvm_dtable),
@@ -108,7 +111,7 @@ class kvm_sregs(C.Structure):  # noqa: N801
     ]
 
 
-class kvm_fpu(C.Structure):  # noqa: N801
+class kvm_fpu(C.Structure):
     _fields_ = [
         ("fpr", (C.c_uint8 * 16) * 8),
         ("fcw", C.c_uint16),
@@ -124,7 +127,7 @@ class kvm_fpu(C.Structure):  # noqa: N801
     ]
 
 
-class kvm_userspace_memory_region(C.Structure):  # noqa: N801
+class kvm_userspace_memory_region(C.Structure):
     _fields_ = [
         ("slot", C.c_uint32),
         ("flags", C.c_uint32),
@@ -138,7 +141,7 @@ KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 
 
-class kvm_cpuid_entry2(C.Structure):  # noqa: N801
+class kvm_cpuid_entry2(C.Structure):
     _fields_ = [
         ("function", C.c_uint32),
         ("index", C.c_uint32),
@@ -151,7 +154,7 @@ class kvm_cpuid_entry2(C.Structure):  # noqa: N801
     ]
 
 
-class kvm_cpuid2(C.Structure):  # noqa: N801
+class kvm_cpuid2(C.Structure):
     _fields_ = [("nent", C.c_uint32), ("padding", C.c_uint32)]  # + entries[nent]
 
 
@@ -168,11 +171,11 @@ def kvm_cpuid2_with(n: int) -> type[C.Structure]:
     return _Cpuid
 
 
-class kvm_msr_entry(C.Structure):  # noqa: N801
+class kvm_msr_entry(C.Structure):
     _fields_ = [("index", C.c_uint32), ("reserved", C.c_uint32), ("data", C.c_uint64)]
 
 
-class kvm_msrs(C.Structure):  # noqa: N801
+class kvm_msrs(C.Structure):
     _fields_ = [("nmsrs", C.c_uint32), ("pad", C.c_uint32)]  # + entries[nmsrs]
 
 
@@ -183,7 +186,7 @@ def kvm_msrs_with(n: int) -> type[C.Structure]:
     return _Msrs
 
 
-class kvm_msr_list(C.Structure):  # noqa: N801
+class kvm_msr_list(C.Structure):
     _fields_ = [("nmsrs", C.c_uint32)]  # + indices[nmsrs]
 
 
@@ -197,15 +200,15 @@ def kvm_msr_list_with(n: int) -> type[C.Structure]:
 KVM_APIC_REG_SIZE = 0x400
 
 
-class kvm_lapic_state(C.Structure):  # noqa: N801
+class kvm_lapic_state(C.Structure):
     _fields_ = [("regs", C.c_uint8 * KVM_APIC_REG_SIZE)]
 
 
-class kvm_irq_level(C.Structure):  # noqa: N801
+class kvm_irq_level(C.Structure):
     _fields_ = [("irq", C.c_uint32), ("level", C.c_uint32)]
 
 
-class kvm_msi(C.Structure):  # noqa: N801
+class kvm_msi(C.Structure):
     _fields_ = [
         ("address_lo", C.c_uint32),
         ("address_hi", C.c_uint32),
@@ -220,7 +223,7 @@ KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 
 
-class kvm_irqfd(C.Structure):  # noqa: N801
+class kvm_irqfd(C.Structure):
     _fields_ = [
         ("fd", C.c_uint32),
         ("gsi", C.c_uint32),
@@ -235,7 +238,7 @@ KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 
-class kvm_ioeventfd(C.Structure):  # noqa: N801
+class kvm_ioeventfd(C.Structure):
     _fields_ = [
         ("datamatch", C.c_uint64),
         ("addr", C.c_uint64),
@@ -246,7 +249,7 @@ class kvm_ioeventfd(C.Structure):  # noqa: N801
     ]
 
 
-class kvm_enable_cap(C.Structure):  # noqa: N801
+class kvm_enable_cap(C.Structure):
     _fields_ = [
         ("cap", C.c_uint32),
         ("flags", C.c_uint32),
@@ -258,7 +261,7 @@ class kvm_enable_cap(C.Structure):  # noqa: N801
 KVM_PIT_SPEAKER_DUMMY = 1
 
 
-class kvm_pit_config(C.Structure):  # noqa: N801
+class kvm_pit_config(C.Structure):
     _fields_ = [("flags", C.c_uint32), ("pad", C.c_uint32 * 15)]
 
 
@@ -269,11 +272,11 @@ KVM_IRQCHIP_PIC_SLAVE = 1
 KVM_IRQCHIP_IOAPIC = 2
 
 
-class kvm_irq_routing_irqchip(C.Structure):  # noqa: N801
+class kvm_irq_routing_irqchip(C.Structure):
     _fields_ = [("irqchip", C.c_uint32), ("pin", C.c_uint32)]
 
 
-class kvm_irq_routing_msi(C.Structure):  # noqa: N801
+class kvm_irq_routing_msi(C.Structure):
     _fields_ = [
         ("address_lo", C.c_uint32),
         ("address_hi", C.c_uint32),
@@ -282,7 +285,7 @@ class kvm_irq_routing_msi(C.Structure):  # noqa: N801
     ]
 
 
-class _kvm_irq_routing_u(C.Union):  # noqa: N801
+class _kvm_irq_routing_u(C.Union):
     _fields_ = [
         ("irqchip", kvm_irq_routing_irqchip),
         ("msi", kvm_irq_routing_msi),
@@ -290,7 +293,7 @@ class _kvm_irq_routing_u(C.Union):  # noqa: N801
     ]
 
 
-class kvm_irq_routing_entry(C.Structure):  # noqa: N801
+class kvm_irq_routing_entry(C.Structure):
     _fields_ = [
         ("gsi", C.c_uint32),
         ("type", C.c_uint32),
@@ -300,7 +303,7 @@ class kvm_irq_routing_entry(C.Structure):  # noqa: N801
     ]
 
 
-class kvm_irq_routing(C.Structure):  # noqa: N801
+class kvm_irq_routing(C.Structure):
     _fields_ = [("nr", C.c_uint32), ("flags", C.c_uint32)]  # + entries[nr]
 
 
@@ -322,15 +325,15 @@ KVM_MP_STATE_HALTED = 3
 KVM_MP_STATE_SIPI_RECEIVED = 4
 
 
-class kvm_mp_state(C.Structure):  # noqa: N801
+class kvm_mp_state(C.Structure):
     _fields_ = [("mp_state", C.c_uint32)]
 
 
-class kvm_interrupt(C.Structure):  # noqa: N801
+class kvm_interrupt(C.Structure):
     _fields_ = [("irq", C.c_uint32)]
 
 
-class _ev_exception(C.Structure):  # noqa: N801
+class _ev_exception(C.Structure):
     _fields_ = [
         ("injected", C.c_uint8),
         ("nr", C.c_uint8),
@@ -340,7 +343,7 @@ class _ev_exception(C.Structure):  # noqa: N801
     ]
 
 
-class _ev_interrupt(C.Structure):  # noqa: N801
+class _ev_interrupt(C.Structure):
     _fields_ = [
         ("injected", C.c_uint8),
         ("nr", C.c_uint8),
@@ -349,7 +352,7 @@ class _ev_interrupt(C.Structure):  # noqa: N801
     ]
 
 
-class _ev_nmi(C.Structure):  # noqa: N801
+class _ev_nmi(C.Structure):
     _fields_ = [
         ("injected", C.c_uint8),
         ("pending", C.c_uint8),
@@ -358,7 +361,7 @@ class _ev_nmi(C.Structure):  # noqa: N801
     ]
 
 
-class _ev_smi(C.Structure):  # noqa: N801
+class _ev_smi(C.Structure):
     _fields_ = [
         ("smm", C.c_uint8),
         ("pending", C.c_uint8),
@@ -367,7 +370,7 @@ class _ev_smi(C.Structure):  # noqa: N801
     ]
 
 
-class kvm_vcpu_events(C.Structure):  # noqa: N801
+class kvm_vcpu_events(C.Structure):
     _fields_ = [
         ("exception", _ev_exception),
         ("interrupt", _ev_interrupt),
@@ -382,15 +385,17 @@ class kvm_vcpu_events(C.Structure):  # noqa: N801
     ]
 
 
-class kvm_pic_state(C.Structure):  # noqa: N801
+class kvm_pic_state(C.Structure):
     _fields_ = [(n, C.c_uint8) for n in (
-        "last_irr irr imr isr priority_add irq_base read_reg_select poll special_mask "
-        "init_state auto_eoi rotate_on_auto_eoi special_fully_nested_mode init4 elcr "
-        "elcr_mask".split()
+        [
+            "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select",
+            "poll", "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi",
+            "special_fully_nested_mode", "init4", "elcr", "elcr_mask",
+        ]
     )]
 
 
-class kvm_irqchip(C.Structure):  # noqa: N801
+class kvm_irqchip(C.Structure):
     _fields_ = [
         ("chip_id", C.c_uint32),
         ("pad", C.c_uint32),

@@ -1,0 +1,110 @@
+"""Bad host input: each is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pyvmm import cli
+from pyvmm.kvm import system
+from tests.conftest import pyvmm_cmd
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    return rc, capsys.readouterr().err
+
+
+def assert_one_line_error(rc: int, err: str, text: str) -> None:
+    assert rc != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("pyvmm: error:") and text in lines[0], lines[0]
+
+
+def test_no_dev_kvm(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                    guests: Path) -> None:
+    monkeypatch.setattr(system, "DEV_KVM", "/nonexistent/kvm")
+    rc, err = run_main(capsys, "run", "--kernel", str(guests / "hello.elf"))
+    assert_one_line_error(rc, err, "/nonexistent/kvm does not exist")
+
+
+def test_no_permission_on_dev_kvm(capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch, guests: Path) -> None:
+    def deny(*a: object, **k: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(system.os, "open", deny)
+    rc, err = run_main(capsys, "run", "--kernel", str(guests / "hello.elf"))
+    assert_one_line_error(rc, err, "no permission to open /dev/kvm")
+
+
+def test_missing_kernel(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, err = run_main(capsys, "run", "--kernel", str(tmp_path / "missing.elf"))
+    assert_one_line_error(rc, err, "kernel file not found")
+
+
+def test_invalid_kernel(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    k = tmp_path / "garbage"
+    k.write_bytes(b"\x00garbage" * 100)
+    before = k.read_bytes()
+    rc, err = run_main(capsys, "run", "-q", "--kernel", str(k))
+    assert_one_line_error(rc, err, "not an ELF or multiboot image")
+    assert k.read_bytes() == before  # nothing on disk touched
+
+
+@pytest.mark.parametrize("mem,text", [("99999G", "more than the host has"),
+                                      ("lots", "is not a size"), ("1M", "too small"),
+                                      ("3M", "multiple of 2 MiB")])
+def test_bad_memory(capsys: pytest.CaptureFixture[str], guests: Path, mem: str,
+                    text: str) -> None:
+    rc, err = run_main(capsys, "run", "--kernel", str(guests / "hello.elf"), "--memory", mem)
+    assert_one_line_error(rc, err, text)
+
+
+def test_unknown_option_is_one_line() -> None:
+    p = subprocess.run(pyvmm_cmd("run", "--frobnicate"), capture_output=True, text=True)
+    assert_one_line_error(p.returncode, p.stderr, "unrecognized arguments: --frobnicate")
+
+
+@pytest.mark.parametrize("serial,text", [("tcp:1234", "use stdio, file:PATH"),
+                                         ("file:", "needs a path"), ("stdio:x", "takes no path")])
+def test_bad_serial(capsys: pytest.CaptureFixture[str], guests: Path, serial: str,
+                    text: str) -> None:
+    rc, err = run_main(capsys, "run", "--kernel", str(guests / "hello.elf"), "--serial", serial)
+    assert_one_line_error(rc, err, text)
+
+
+@pytest.mark.parametrize("content,text", [("{", "invalid JSON"), ("[]", "must be an object"),
+                                          ('{"kernel": "x", "colour": 1}', "unknown field"),
+                                          ('{"memory": "64M"}', "no kernel")])
+def test_bad_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str,
+                         text: str) -> None:
+    c = tmp_path / "vm.json"
+    c.write_text(content)
+    rc, err = run_main(capsys, "run", "--config", str(c))
+    assert_one_line_error(rc, err, text)
+
+
+def test_config_file_fields_match_options(tmp_path: Path, guests: Path) -> None:
+    from pyvmm.machine.config import MachineConfig
+
+    c = tmp_path / "vm.json"
+    c.write_text(json.dumps({"kernel": str(guests / "hello.elf"), "memory": "32M",
+                             "serial": "file:/tmp/x", "cmdline": "a=1", "debug_exit_port": "0x501",
+                             "timeout": 5}))
+    cfg = MachineConfig.from_json(str(c), {"cmdline": "b=2"})
+    assert cfg.memory == 32 << 20 and cfg.serial.kind == "file" and cfg.cmdline == "b=2"
+    assert cfg.debug_exit_port == 0x501 and cfg.timeout == 5.0
+
+
+def test_info_machine_lists_the_map() -> None:
+    p = subprocess.run(pyvmm_cmd("info", "--machine"), capture_output=True, text=True,
+                       check=True)
+    assert "serial0" in p.stdout and "0x3f8" in p.stdout and "testdev" in p.stdout
