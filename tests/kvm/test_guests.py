@@ -97,7 +97,7 @@ def test_pio_loop_exit_count_is_exact(guests: Path, iters: int) -> None:
         printed = m.serial.tx_bytes  # bytes sent through THR: the result line
         scr = m.pio.find(0x3FF)
         assert scr is not None
-        assert scr.counts[("w", 7, 1)] == iters
+        assert scr.count("w", 7, 1) == iters
         assert scr.writes == UART_INIT_WRITES + iters + printed
         assert scr.reads == printed  # one LSR poll per printed byte
         assert m.exit_counts[2] == scr.reads + scr.writes + 1
@@ -113,7 +113,7 @@ def test_mmio_loop_exit_count_is_exact(guests: Path, iters: int) -> None:
         assert m.testdev.data == iters - 1
         assert m.exit_counts[6] == iters
         rng = m.mmio.find(0xFEF00000)
-        assert rng is not None and rng.counts[("w", 0, 4)] == iters
+        assert rng is not None and rng.count("w", 0, 4) == iters
 
 
 def test_unclaimed_accesses_are_counted_and_the_vm_goes_on(guests: Path) -> None:

@@ -61,8 +61,8 @@ def test_accounting_per_device_offset_and_kind() -> None:
         bus.write(0x3F8, 1, 0x41)
     bus.read(0x3FD, 1)
     assert (rng.reads, rng.writes) == (1, 3)
-    assert rng.counts[("w", 0, 1)] == 3
-    assert rng.counts[("r", 5, 1)] == 1
+    assert rng.count("w", 0, 1) == 3
+    assert rng.count("r", 5, 1) == 1
     snap = bus.snapshot()
     assert snap["devices"][0]["writes"] == 3  # type: ignore[index]
 

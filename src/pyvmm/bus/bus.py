@@ -40,8 +40,10 @@ class BusRange:
         self.name = name
         self.reads = 0
         self.writes = 0
-        # (kind, offset, size) -> count; kind is "r" or "w".
-        self.counts: Counter[tuple[str, int, int]] = Counter()
+        # Packed key -> count: offset << 4 | size << 1 | is_write. An int key keeps
+        # the per-exit work to one dict update with no tuple allocated (see
+        # ARCHITECTURE.md, "Known costs"); ``access_counts`` unpacks it.
+        self.counts: dict[int, int] = {}
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -52,9 +54,16 @@ class BusRange:
             "writes": self.writes,
             "accesses": [
                 {"kind": k, "offset": o, "size": s, "count": c}
-                for (k, o, s), c in sorted(self.counts.items())
+                for (k, o, s), c in sorted(self.access_counts().items())
             ],
         }
+
+    def access_counts(self) -> dict[tuple[str, int, int], int]:
+        """Counts keyed by (kind, offset, size), kind "r" or "w"."""
+        return {("w" if k & 1 else "r", k >> 4, (k >> 1) & 7): c for k, c in self.counts.items()}
+
+    def count(self, kind: str, offset: int, size: int) -> int:
+        return self.counts.get(offset << 4 | size << 1 | (kind == "w"), 0)
 
 
 class Bus:
@@ -125,7 +134,9 @@ class Bus:
             return (1 << (8 * size)) - 1
         off = addr - r.base
         r.reads += 1
-        r.counts["r", off, size] += 1
+        key = off << 4 | size << 1
+        counts = r.counts
+        counts[key] = counts.get(key, 0) + 1
         return r.device.read(r.base, off, size)
 
     def write(self, addr: int, size: int, value: int) -> bool:
@@ -136,7 +147,9 @@ class Bus:
             return False
         off = addr - r.base
         r.writes += 1
-        r.counts["w", off, size] += 1
+        key = off << 4 | size << 1 | 1
+        counts = r.counts
+        counts[key] = counts.get(key, 0) + 1
         r.device.write(r.base, off, size, value)
         return True
 
