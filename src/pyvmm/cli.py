@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--debug-exit-size", help="test-exit port width: 1, 2 or 4 (default 4)")
     r.add_argument("--timeout", help="stop the VM after this many seconds (exit code 124)")
     r.add_argument("--quiet", "-q", action="store_true", help="no exit table or notices")
+    r.add_argument("--no-pci-testdev", action="store_true",
+                   help="leave the PCI test device (00:01.0) out")
     i = sub.add_parser("info", help="describe the machine")
     i.add_argument("--machine", action="store_true", help="print the machine map")
+    i.add_argument("--no-pci-testdev", action="store_true", help="as for run")
     return p
 
 
@@ -59,16 +62,27 @@ def _config_from_args(a: argparse.Namespace) -> MachineConfig:
                                       source="command line")
     if a.quiet:
         cfg.quiet = True
+    if a.no_pci_testdev:
+        cfg.pci_testdev = False
     return cfg
 
 
 def _info(a: argparse.Namespace) -> int:
+    from pyvmm.bus import IoBus, MmioBus
+    from pyvmm.irq.chip import RecordingMsiSink
     from pyvmm.machine.layout import MACHINE_MAP
+    from pyvmm.machine.pci import build_pci, describe
+    from pyvmm.memory import GuestMemory
 
     print(f"{'name':16} {'space':5} {'base':>12} {'size':>8}  gsi  what")
     for e in MACHINE_MAP:
         gsi = "" if e.gsi is None else str(e.gsi)
         print(f"{e.name:16} {e.space:5} {e.base:#12x} {e.size:#8x}  {gsi:3}  {e.what}")
+    print()
+    with GuestMemory([(0, 2 << 20)]) as mem:
+        root = build_pci(IoBus(), MmioBus(), mem, RecordingMsiSink(), not a.no_pci_testdev)
+        for line in describe(root):
+            print(line)
     return 0
 
 

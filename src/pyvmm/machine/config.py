@@ -78,6 +78,7 @@ class MachineConfig:
     debug_exit_size: int = 4
     timeout: float | None = None
     quiet: bool = False
+    pci_testdev: bool = True
 
     def validate(self) -> None:
         if self.memory < MIN_MEMORY:
@@ -143,4 +144,6 @@ class MachineConfig:
                 raise ConfigError(f"timeout {raw['timeout']!r} is not a number") from None
         if "quiet" in raw:
             cfg.quiet = bool(raw["quiet"])
+        if "pci_testdev" in raw:
+            cfg.pci_testdev = bool(raw["pci_testdev"])
         return cfg

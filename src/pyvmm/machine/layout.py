@@ -44,6 +44,12 @@ I8042_BASE = 0x60  # 0x60 data, 0x64 status/command: one 5-port window
 DEBUG_EXIT_BASE = 0xF4
 POST_PORT = 0x80
 TESTDEV_MMIO = 0xFEF00000
+PCI_CONFIG_PORT = 0xCF8  # CONFIG_ADDRESS 0xCF8, CONFIG_DATA 0xCFC-0xCFF
+PCI_ECAM_BASE, PCI_ECAM_SIZE = 0xB0000000, 1 << 20  # bus 0 only
+PCI_MEM_BASE, PCI_MEM_SIZE = 0xC0000000, 0xFEC00000 - 0xC0000000  # up to the IOAPIC
+PCI_IO_BASE, PCI_IO_SIZE = 0xC000, 0x4000
+PCI_HOST_BRIDGE_SLOT = 0
+PCI_TESTDEV_SLOT = 1
 
 MACHINE_MAP: tuple[MapEntry, ...] = (
     MapEntry("boot-gdt", "ram", BOOT_GDT, 0x20, what="GDT for the kernel's entry"),
@@ -58,6 +64,10 @@ MACHINE_MAP: tuple[MapEntry, ...] = (
     MapEntry("post", "pio", POST_PORT, 1, what="POST code sink (I/O delay port)"),
     MapEntry("debug-exit", "pio", DEBUG_EXIT_BASE, 4, what="isa-debug-exit compatible"),
     MapEntry("serial0", "pio", COM1_BASE, 8, gsi=COM1_GSI, what="16550A UART (COM1)"),
+    MapEntry("pci-config", "pio", PCI_CONFIG_PORT, 8, what="PCI CONFIG_ADDRESS/CONFIG_DATA"),
+    MapEntry("pci-io", "pio", PCI_IO_BASE, PCI_IO_SIZE, what="PCI I/O BAR window"),
+    MapEntry("pci-ecam", "mmio", PCI_ECAM_BASE, PCI_ECAM_SIZE, what="PCIe ECAM, bus 0"),
+    MapEntry("pci-mem", "mmio", PCI_MEM_BASE, PCI_MEM_SIZE, what="PCI memory BAR window"),
     MapEntry("testdev", "mmio", TESTDEV_MMIO, 0x1000, what="pyvmm test register"),
 )
 

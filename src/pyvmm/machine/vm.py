@@ -27,7 +27,7 @@ from pyvmm.devices.legacy.uart import Serial
 from pyvmm.devices.testdev import TestDev
 from pyvmm.errors import KvmError
 from pyvmm.event import EventManager
-from pyvmm.irq.line import KvmIrqLine
+from pyvmm.irq.chip import KernelIrqChip
 from pyvmm.kvm import Kvm, Vcpu, Vm, exits
 from pyvmm.kvm.ioctl import EINTR, get_errno, ioctl_int
 from pyvmm.kvm.vcpu import install_kick_handler
@@ -37,6 +37,7 @@ from pyvmm.loader.e820 import e820_map
 from pyvmm.loader.image import BootImage, Format
 from pyvmm.machine import layout as L
 from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.pci import build_pci
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import kvm as K
@@ -90,7 +91,8 @@ class Machine:
     def _build(self) -> None:
         cfg, vm = self.cfg, self.vm
         vm.set_tss_addr(L.KVM_TSS_ADDR)
-        vm.create_irqchip()
+        self.irqchip = KernelIrqChip(vm)
+        self.irqchip.create()
         for slot, r in enumerate(self.mem.regions()):
             vm.set_user_memory_region(slot, r.guest_addr, r.size, r.host_addr)
 
@@ -99,7 +101,7 @@ class Machine:
         self.serial_io = SerialIo(cfg.serial, self.events)
         self.serial = Serial(
             output=self.serial_io.write,
-            irq=KvmIrqLine(vm, L.COM1_GSI),
+            irq=self.irqchip.line(L.COM1_GSI),
             on_rx_space=self.serial_io.resume_input,
         )
         self.serial_io.attach(self.serial)
@@ -111,6 +113,11 @@ class Machine:
         self.pio.insert(_Sink(), L.POST_PORT, 1, "post")
         self.testdev = TestDev()
         self.mmio.insert(self.testdev, L.TESTDEV_MMIO, 0x1000, "testdev")
+        self.pci = build_pci(self.pio, self.mmio, self.mem, self.irqchip, cfg.pci_testdev)
+        for _, dev in self.pci.functions():
+            pin_gsi = dev.config.data[0x3C] if dev.config.data[0x3D] else None
+            if pin_gsi is not None:
+                dev.intx = self.irqchip.line(pin_gsi)
 
         self.image = load_kernel(cfg.kernel, self.mem, load_addr=cfg.load_addr, entry=cfg.entry)
         self.vcpu = vm.create_vcpu(0)
@@ -233,7 +240,9 @@ class Machine:
 
     def _slow_exit(self, e: exits.Exit) -> None:
         if isinstance(e, exits.ShutdownExit):
-            self.stop("shutdown", 1, "guest triple fault (KVM_EXIT_SHUTDOWN)")
+            r, sr = self.vcpu.get_regs(), self.vcpu.get_sregs()
+            self.stop("shutdown", 1, f"guest triple fault (KVM_EXIT_SHUTDOWN) at rip={r.rip:#x} "
+                      f"rsp={r.rsp:#x} cs={sr.cs.selector:#x} rflags={r.rflags:#x}")
         elif isinstance(e, exits.SystemEventExit):
             if e.type == K.KVM_SYSTEM_EVENT_RESET:
                 self.stop("reset", 0, "guest reset")
@@ -262,6 +271,10 @@ class Machine:
             "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(self.exit_counts.items())},
             "buses": [self.pio.snapshot(), self.mmio.snapshot()],
             "guest_errors": dict(self.guest_errors.counts),
+            "pci": {"bad_config_accesses": self.pci.bad_config_accesses,
+                    "rejected_bars": self.pci.rejected_bars,
+                    "msis_sent": self.irqchip.msis_sent,
+                    "msis_dropped": self.irqchip.msis_dropped},
             "serial": {"tx_bytes": self.serial.tx_bytes, "rx_dropped": self.serial.rx_dropped},
         }
 

@@ -1,0 +1,56 @@
+"""Tiny guests enumerate PCI and drive the test device: BAR moves, DMA, MSI, MSI-X,
+INTx and masking, on the in-kernel irqchip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pyvmm.kvm import Kvm
+from tests.conftest import pyvmm_cmd
+
+
+def run(guest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(pyvmm_cmd("run", "--timeout", "60", "--kernel", str(guest), *args),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("mech", [1, 2], ids=["cf8", "ecam"])
+def test_enumeration_matches_pyvmm_info(guests: Path, mech: int) -> None:
+    p = run(guests / "pci_enum.elf", "-q", "--cmdline", f"mech={mech}")
+    assert p.returncode == 0, p.stderr
+    seen = [line for line in p.stdout.splitlines() if line.startswith("pci ")]
+    info = subprocess.run(pyvmm_cmd("info", "--machine"), capture_output=True, text=True,
+                          check=True).stdout
+    expected = [line for line in info.splitlines() if line.startswith("pci ")]
+    assert seen == expected and len(seen) == 2
+
+
+def test_enumeration_without_testdev(guests: Path) -> None:
+    p = run(guests / "pci_enum.elf", "-q", "--no-pci-testdev")
+    assert "pci-enum done: 1 functions" in p.stdout
+
+
+def test_testdev_dma_msi_msix_intx_and_garbage(guests: Path, tmp_path: Path) -> None:
+    js = tmp_path / "exits.json"
+    p = run(guests / "pci_testdev.elf", "--exits-json", str(js))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "pci-testdev: all passed (msi=2 msix=3 intx=2)" in p.stdout
+    assert p.stdout.count("\nok ") + p.stdout.startswith("ok ") >= 30
+    pci = json.loads(js.read_text())["pci"]
+    assert pci["rejected_bars"] == 2
+    assert pci["bad_config_accesses"] == (0x1000 - 0x100) // 4
+    assert pci["msis_dropped"] == 1 and pci["msis_sent"] == 5
+    # each garbage class logged once, not per access
+    assert p.stderr.count("config write beyond") == 1
+
+
+@pytest.mark.xfail(Kvm.is_pvm(), strict=True,
+                   reason="KVM-PVM: a level-triggered IOAPIC interrupt into a CPL3 trap-gate "
+                          "handler triple-faults (edge works); see docs/devices/pci-testdev.md")
+def test_level_triggered_intx(guests: Path) -> None:
+    p = run(guests / "pci_testdev.elf", "-q", "--cmdline", "level=1")
+    assert p.returncode == 0, p.stdout[-500:]
