@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exits-json", help="write per-device exit accounting as JSON here")
     r.add_argument("--debug-exit-port", help="test-exit port (default 0xf4)")
     r.add_argument("--debug-exit-size", help="test-exit port width: 1, 2 or 4 (default 4)")
+    r.add_argument("--irqchip", help="kernel (KVM's PIC/IOAPIC/PIT, default) or split "
+                   "(LAPIC in KVM, PIC/IOAPIC/PIT in Python)")
     r.add_argument("--timeout", help="stop the VM after this many seconds (exit code 124)")
     r.add_argument("--quiet", "-q", action="store_true", help="no exit table or notices")
     r.add_argument("--no-pci-testdev", action="store_true",
@@ -51,7 +53,7 @@ def _config_from_args(a: argparse.Namespace) -> MachineConfig:
         "kernel": a.kernel, "memory": a.memory, "cmdline": a.cmdline, "serial": a.serial,
         "load_addr": a.load_addr, "entry": a.entry, "exits_json": a.exits_json,
         "debug_exit_port": a.debug_exit_port, "debug_exit_size": a.debug_exit_size,
-        "timeout": a.timeout,
+        "timeout": a.timeout, "irqchip": a.irqchip,
     }
     if a.config:
         cfg = MachineConfig.from_json(a.config, fields)

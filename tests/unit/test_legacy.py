@@ -10,7 +10,8 @@ def test_i8042_pulse_reset_ends_the_machine() -> None:
     resets: list[int] = []
     bus = IoBus()
     kbc = I8042(on_reset=lambda: resets.append(1))
-    bus.insert(kbc, 0x60, 5)
+    bus.insert(kbc, 0x60, 1)
+    bus.insert(kbc, 0x64, 1)
     bus.write(0x64, 1, 0xFE)
     assert resets == [1]
 
@@ -18,7 +19,9 @@ def test_i8042_pulse_reset_ends_the_machine() -> None:
 def test_i8042_output_port_reset_bit_low_resets() -> None:
     resets: list[int] = []
     bus = IoBus()
-    bus.insert(I8042(on_reset=lambda: resets.append(1)), 0x60, 5)
+    k = I8042(on_reset=lambda: resets.append(1))
+    bus.insert(k, 0x60, 1)
+    bus.insert(k, 0x64, 1)
     bus.write(0x64, 1, 0xD1)
     bus.write(0x60, 1, 0x03)  # reset bit high: nothing
     assert resets == []
@@ -29,7 +32,9 @@ def test_i8042_output_port_reset_bit_low_resets() -> None:
 
 def test_i8042_self_test_and_command_byte() -> None:
     bus = IoBus()
-    bus.insert(I8042(on_reset=lambda: None), 0x60, 5)
+    k = I8042(on_reset=lambda: None)
+    bus.insert(k, 0x60, 1)
+    bus.insert(k, 0x64, 1)
     bus.write(0x64, 1, 0xAA)
     assert bus.read(0x64, 1) & 0x01
     assert bus.read(0x60, 1) == 0x55
@@ -42,7 +47,9 @@ def test_i8042_self_test_and_command_byte() -> None:
 
 def test_i8042_keyboard_command_without_keyboard_gets_resend() -> None:
     bus = IoBus()
-    bus.insert(I8042(on_reset=lambda: None), 0x60, 5)
+    k = I8042(on_reset=lambda: None)
+    bus.insert(k, 0x60, 1)
+    bus.insert(k, 0x64, 1)
     bus.write(0x60, 1, 0xFF)  # keyboard reset
     assert bus.read(0x60, 1) == 0xFE
 

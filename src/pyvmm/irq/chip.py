@@ -12,9 +12,24 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 from pyvmm.irq.line import InterruptLine, KvmIrqLine
-from pyvmm.kvm.vm import Vm
+from pyvmm.kvm.vm import IrqchipRoute, Vm
 from pyvmm.ratelimit_log import OnceLog
+from pyvmm.uapi import kvm as K
 from pyvmm.uapi.pci import MSI_ADDRESS_BASE, MSI_ADDRESS_MASK
+
+
+def isa_routes() -> list[IrqchipRoute]:
+    """GSI routing as on a PC (and as QEMU sets it): GSIs 0-15 reach the PIC pair and
+    the IOAPIC, ISA IRQ 0 on IOAPIC pin 2 (the MADT's source override) and nothing on
+    pin 0; GSIs 16-23 reach the IOAPIC only. The split chip applies the same map."""
+    routes = []
+    for gsi in range(16):
+        chip = K.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else K.KVM_IRQCHIP_PIC_SLAVE
+        routes.append(IrqchipRoute(gsi, chip, gsi % 8))
+        if gsi != 2:
+            routes.append(IrqchipRoute(gsi, K.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
+    routes += [IrqchipRoute(gsi, K.KVM_IRQCHIP_IOAPIC, gsi) for gsi in range(16, 24)]
+    return routes
 
 
 class MsiMessage(NamedTuple):
@@ -48,6 +63,7 @@ class KernelIrqChip:
 
     def create(self) -> None:
         self.vm.create_irqchip()
+        self.vm.set_gsi_routing(isa_routes())
 
     def line(self, gsi: int) -> KvmIrqLine:
         if gsi not in self._lines:

@@ -79,6 +79,7 @@ class MachineConfig:
     timeout: float | None = None
     quiet: bool = False
     pci_testdev: bool = True
+    irqchip: str = "kernel"  # "kernel": KVM's PIC/IOAPIC/PIT; "split": Python's
 
     def validate(self) -> None:
         if self.memory < MIN_MEMORY:
@@ -144,6 +145,10 @@ class MachineConfig:
                 raise ConfigError(f"timeout {raw['timeout']!r} is not a number") from None
         if "quiet" in raw:
             cfg.quiet = bool(raw["quiet"])
+        if raw.get("irqchip") is not None:
+            if raw["irqchip"] not in ("kernel", "split"):
+                raise ConfigError(f"irqchip {raw['irqchip']!r}: use kernel or split")
+            cfg.irqchip = str(raw["irqchip"])
         if "pci_testdev" in raw:
             cfg.pci_testdev = bool(raw["pci_testdev"])
         return cfg

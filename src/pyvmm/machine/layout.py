@@ -40,10 +40,15 @@ RAM_ABOVE_4G = 1 << 32
 
 # --- devices -----------------------------------------------------------------------------
 COM1_BASE, COM1_GSI = 0x3F8, 4
-I8042_BASE = 0x60  # 0x60 data, 0x64 status/command: one 5-port window
+I8042_DATA_PORT, I8042_STATUS_PORT = 0x60, 0x64
 DEBUG_EXIT_BASE = 0xF4
 POST_PORT = 0x80
 TESTDEV_MMIO = 0xFEF00000
+PIC_MASTER, PIC_SLAVE, ELCR = 0x20, 0xA0, 0x4D0
+PIT_BASE, PORT61 = 0x40, 0x61
+RTC_BASE, RTC_GSI = 0x70, 8
+IOAPIC_BASE = 0xFEC00000
+LAPIC_BASE = 0xFEE00000
 PCI_CONFIG_PORT = 0xCF8  # CONFIG_ADDRESS 0xCF8, CONFIG_DATA 0xCFC-0xCFF
 PCI_ECAM_BASE, PCI_ECAM_SIZE = 0xB0000000, 1 << 20  # bus 0 only
 PCI_MEM_BASE, PCI_MEM_SIZE = 0xC0000000, 0xFEC00000 - 0xC0000000  # up to the IOAPIC
@@ -60,8 +65,17 @@ MACHINE_MAP: tuple[MapEntry, ...] = (
     MapEntry("cmdline", "ram", CMDLINE, CMDLINE_MAX, what="kernel command line"),
     MapEntry("identity-pt", "ram", IDENTITY_PML4, 0x6000, what="page tables, 64-bit start"),
     MapEntry("kernel", "ram", KERNEL_DEFAULT_LOAD, 0, what="kernel image (ELF p_paddr)"),
-    MapEntry("i8042", "pio", I8042_BASE, 5, what="keyboard controller (reset line)"),
+    MapEntry("i8042", "pio", I8042_DATA_PORT, 1, what="keyboard controller data"),
+    MapEntry("i8042", "pio", I8042_STATUS_PORT, 1, what="keyboard controller cmd (reset)"),
     MapEntry("post", "pio", POST_PORT, 1, what="POST code sink (I/O delay port)"),
+    MapEntry("pic-master", "pio", PIC_MASTER, 2, what="8259A master (split chip; else KVM)"),
+    MapEntry("pic-slave", "pio", PIC_SLAVE, 2, what="8259A slave (split chip; else KVM)"),
+    MapEntry("elcr", "pio", ELCR, 2, what="edge/level control (split chip; else KVM)"),
+    MapEntry("pit", "pio", PIT_BASE, 4, gsi=0, what="8254 PIT (split chip; else KVM's)"),
+    MapEntry("port61", "pio", PORT61, 1, what="system control port B (PIT gate 2)"),
+    MapEntry("rtc", "pio", RTC_BASE, 2, gsi=RTC_GSI, what="MC146818 RTC + CMOS"),
+    MapEntry("ioapic", "mmio", IOAPIC_BASE, 0x100, what="82093AA IOAPIC (split; else KVM)"),
+    MapEntry("lapic", "mmio", LAPIC_BASE, 0x1000, what="local APIC (always in KVM)"),
     MapEntry("debug-exit", "pio", DEBUG_EXIT_BASE, 4, what="isa-debug-exit compatible"),
     MapEntry("serial0", "pio", COM1_BASE, 8, gsi=COM1_GSI, what="16550A UART (COM1)"),
     MapEntry("pci-config", "pio", PCI_CONFIG_PORT, 8, what="PCI CONFIG_ADDRESS/CONFIG_DATA"),

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,17 @@ from pyvmm.backends.char import SerialIo
 from pyvmm.bus import IoBus, MmioBus
 from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
+from pyvmm.devices.legacy.ioapic import IOAPIC_SIZE
+from pyvmm.devices.legacy.pic import Elcr
+from pyvmm.devices.legacy.pit import Pit, Port61
+from pyvmm.devices.legacy.rtc import Rtc
 from pyvmm.devices.legacy.uart import Serial
 from pyvmm.devices.testdev import TestDev
 from pyvmm.errors import KvmError
 from pyvmm.event import EventManager
+from pyvmm.event.timerfd import TimerFd
 from pyvmm.irq.chip import KernelIrqChip
+from pyvmm.irq.split import Locked, SplitIrqChip
 from pyvmm.kvm import Kvm, Vcpu, Vm, exits
 from pyvmm.kvm.ioctl import EINTR, get_errno, ioctl_int
 from pyvmm.kvm.vcpu import install_kick_handler
@@ -91,8 +98,13 @@ class Machine:
     def _build(self) -> None:
         cfg, vm = self.cfg, self.vm
         vm.set_tss_addr(L.KVM_TSS_ADDR)
-        self.irqchip = KernelIrqChip(vm)
+        self.irqchip: KernelIrqChip | SplitIrqChip
+        if cfg.irqchip == "split":
+            self.irqchip = SplitIrqChip(vm)
+        else:
+            self.irqchip = KernelIrqChip(vm)
         self.irqchip.create()
+        self.timers: list[TimerFd] = []
         for slot, r in enumerate(self.mem.regions()):
             vm.set_user_memory_region(slot, r.guest_addr, r.size, r.host_addr)
 
@@ -107,10 +119,12 @@ class Machine:
         self.serial_io.attach(self.serial)
         self.pio.insert(self.serial, L.COM1_BASE, 8, "serial0")
         self.i8042 = I8042(on_reset=lambda: self.stop("reset", 0, "guest reset via i8042"))
-        self.pio.insert(self.i8042, L.I8042_BASE, 5, "i8042")
+        self.pio.insert(self.i8042, L.I8042_DATA_PORT, 1, "i8042")
+        self.pio.insert(self.i8042, L.I8042_STATUS_PORT, 1, "i8042")
         self.debug_exit = DebugExit(self._on_debug_exit, cfg.debug_exit_size)
         self.pio.insert(self.debug_exit, cfg.debug_exit_port, cfg.debug_exit_size, "debug-exit")
         self.pio.insert(_Sink(), L.POST_PORT, 1, "post")
+        self._build_chipset()
         self.testdev = TestDev()
         self.mmio.insert(self.testdev, L.TESTDEV_MMIO, 0x1000, "testdev")
         self.pci = build_pci(self.pio, self.mmio, self.mem, self.irqchip, cfg.pci_testdev)
@@ -122,7 +136,45 @@ class Machine:
         self.image = load_kernel(cfg.kernel, self.mem, load_addr=cfg.load_addr, entry=cfg.entry)
         self.vcpu = vm.create_vcpu(0)
         self.vcpu.set_cpuid2(self.kvm.supported_cpuid())
+        if isinstance(self.irqchip, SplitIrqChip):
+            self.irqchip.attach(self.vcpu)
         self._write_boot_info(self.image)
+
+    def _timer(self, lock: threading.RLock, on_timer: Callable[[int], None]) -> TimerFd:
+        t = TimerFd()
+        self.timers.append(t)
+
+        def fire(fd: int, ev: int) -> None:
+            with lock:
+                on_timer(t.read())
+
+        self.events.add(t.fd, fire)
+        return t
+
+    def _build_chipset(self) -> None:
+        """PIC, IOAPIC and PIT: Python models on the split chip, KVM's own on the kernel
+        chip. The RTC is Python in both."""
+        chip, pio = self.irqchip, self.pio
+        lock = chip.lock if isinstance(chip, SplitIrqChip) else threading.RLock()
+        self.chipset_lock = lock
+        self.pit: Pit | None = None
+        if isinstance(chip, SplitIrqChip):
+            pio.insert(Locked(chip.pic.master, lock), L.PIC_MASTER, 2, "pic-master")
+            pio.insert(Locked(chip.pic.slave, lock), L.PIC_SLAVE, 2, "pic-slave")
+            pio.insert(Locked(Elcr(chip.pic), lock), L.ELCR, 2, "elcr")
+            self.mmio.insert(Locked(chip.ioapic, lock), L.IOAPIC_BASE, IOAPIC_SIZE, "ioapic")
+            irq0 = chip.line(0)
+            pit = Pit(irq0=irq0.pulse)
+            pit.timer = self._timer(lock, pit.on_timer)
+            pio.insert(Locked(pit, lock), L.PIT_BASE, 4, "pit")
+            pio.insert(Locked(Port61(pit), lock), L.PORT61, 1, "port61")
+            self.pit = pit
+        else:
+            self.vm.create_pit2(K.KVM_PIT_SPEAKER_DUMMY)
+        rtc_irq = chip.line(L.RTC_GSI)
+        self.rtc = Rtc(irq=rtc_irq.pulse, memory_bytes=self.cfg.memory)
+        self.rtc.timer = self._timer(lock, self.rtc.on_timer)
+        pio.insert(Locked(self.rtc, lock), L.RTC_BASE, 2, "rtc")
 
     def _write_boot_info(self, img: BootImage) -> None:
         e820 = e820_map(self.cfg.memory, L.PCI_HOLE_START)
@@ -197,9 +249,14 @@ class Machine:
         mmio_read, mmio_write = self.mmio.read, self.mmio.write
         counts = self.exit_counts
         EXIT_IO, EXIT_MMIO = K.KVM_EXIT_IO, K.KVM_EXIT_MMIO
+        split = self.irqchip if isinstance(self.irqchip, SplitIrqChip) else None
+        pic = split.pic if split is not None else None
         n_io = n_mmio = 0
         try:
             while not self._stopping:
+                if pic is not None and (pic.level or run[0]):
+                    assert split is not None
+                    split.inject(vcpu)
                 if ioctl_int(fd, kvm_run, 0) < 0:
                     err = get_errno()
                     if err != EINTR:
@@ -255,8 +312,11 @@ class Machine:
             self.stop("error", 1, f"KVM entry failed, hardware reason {e.reason:#x}")
         elif isinstance(e, exits.HltExit):
             self.stop("shutdown", 0, "guest halted")
-        elif isinstance(e, exits.InterruptedExit):
-            pass
+        elif isinstance(e, exits.IoapicEoiExit):
+            if isinstance(self.irqchip, SplitIrqChip):
+                self.irqchip.eoi(e.vector)
+        elif isinstance(e, exits.InterruptedExit | exits.IrqWindowOpenExit):
+            pass  # the loop injects pending PIC interrupts before re-entering
         else:
             self.guest_errors.warn(f"exit:{type(e).__name__}", f"unhandled exit {e}")
 
@@ -271,12 +331,25 @@ class Machine:
             "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(self.exit_counts.items())},
             "buses": [self.pio.snapshot(), self.mmio.snapshot()],
             "guest_errors": dict(self.guest_errors.counts),
+            "irqchip": self._irqchip_report(),
             "pci": {"bad_config_accesses": self.pci.bad_config_accesses,
                     "rejected_bars": self.pci.rejected_bars,
                     "msis_sent": self.irqchip.msis_sent,
                     "msis_dropped": self.irqchip.msis_dropped},
             "serial": {"tx_bytes": self.serial.tx_bytes, "rx_dropped": self.serial.rx_dropped},
         }
+
+    def _irqchip_report(self) -> dict[str, Any]:
+        chip = self.irqchip
+        rep: dict[str, Any] = {"mode": self.cfg.irqchip, "msis_sent": chip.msis_sent,
+                               "msis_dropped": chip.msis_dropped}
+        if isinstance(chip, SplitIrqChip):
+            rep.update(pic_injected=chip.injected, ioapic_delivered=chip.ioapic.delivered,
+                       ioapic_eois=chip.eois, pic_spurious=chip.pic.spurious)
+        if self.pit is not None:
+            rep.update(pit_ticks=self.pit.ticks, pit_missed=self.pit.missed)
+        rep["rtc_periodic"] = self.rtc.periodic_interrupts
+        return rep
 
     def write_exits_json(self, path: str) -> None:
         Path(path).write_text(json.dumps(self.exit_report(), indent=2) + "\n")
@@ -305,6 +378,8 @@ class Machine:
         return "\n".join(lines)
 
     def close(self) -> None:
+        for t in getattr(self, "timers", []):
+            t.close()
         if hasattr(self, "serial_io"):
             self.serial_io.close()
         self.vm.close()

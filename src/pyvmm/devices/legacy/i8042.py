@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-I8042_DATA = 0x0  # offset from 0x60
-I8042_STATUS = 0x4  # offset from 0x60 (port 0x64)
+I8042_DATA = 0x0  # port 0x60 & 7
+I8042_STATUS = 0x4  # port 0x64 & 7
 
 I8042_STR_OBF = 0x01
 I8042_STR_IBF = 0x02
@@ -50,7 +50,10 @@ class I8042:
         self.out = value & 0xFF
         self.status |= I8042_STR_OBF
 
+    # Inserted as two one-port ranges (0x60 and 0x64: port 0x61 belongs to the PIT's
+    # system control port), so the register is told apart by base + offset.
     def read(self, base: int, offset: int, size: int) -> int:
+        offset = (base + offset) & 7
         if offset == I8042_STATUS:
             return self.status
         if offset == I8042_DATA:
@@ -62,6 +65,7 @@ class I8042:
 
     def write(self, base: int, offset: int, size: int, value: int) -> None:
         value &= 0xFF
+        offset = (base + offset) & 7
         if offset == I8042_STATUS:
             self.status |= I8042_STR_CMDDAT
             self._command(value)

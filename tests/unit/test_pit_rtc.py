@@ -1,0 +1,151 @@
+"""8254 and MC146818 against a controllable clock."""
+
+from __future__ import annotations
+
+import calendar
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyvmm.bus import IoBus
+from pyvmm.devices.legacy.pit import PIT_FREQ, Pit, Port61
+from pyvmm.devices.legacy.rtc import Rtc
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ns = 10**12
+
+    def __call__(self) -> int:
+        return self.ns
+
+    def ticks(self, n: int) -> None:
+        self.ns += n * 10**9 // PIT_FREQ + 1
+
+
+class FakeTimer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def set(self, first_ns: int, interval_ns: int = 0) -> None:
+        self.calls.append((first_ns, interval_ns))
+
+
+def pit() -> tuple[IoBus, Pit, Clock, FakeTimer, list[int]]:
+    clock, timer, irqs = Clock(), FakeTimer(), []
+    p = Pit(irq0=lambda: irqs.append(1), timer=timer, clock=clock)
+    bus = IoBus()
+    bus.insert(p, 0x40, 4)
+    bus.insert(Port61(p), 0x61, 1)
+    return bus, p, clock, timer, irqs
+
+
+def test_mode2_periodic_arms_host_timer_at_the_programmed_rate() -> None:
+    bus, p, _, timer, irqs = pit()
+    bus.write(0x43, 1, 0x34)
+    bus.write(0x40, 1, 1193 & 0xFF)
+    bus.write(0x40, 1, 1193 >> 8)
+    first, interval = timer.calls[-1]
+    assert interval == first == 1193 * 10**9 // PIT_FREQ  # ~1 ms
+    p.on_timer(3)
+    assert irqs == [1] and p.missed == 2
+
+
+def test_counter_latch_and_countdown() -> None:
+    bus, _, clock, _, _ = pit()
+    bus.write(0x43, 1, 0x30)  # ch0, lo/hi, mode 0
+    bus.write(0x40, 1, 0x00)
+    bus.write(0x40, 1, 0x10)  # 0x1000
+    clock.ticks(0x100)
+    bus.write(0x43, 1, 0x00)  # latch
+    clock.ticks(0x100)  # the latched value does not move
+    lo, hi = bus.read(0x40, 1), bus.read(0x40, 1)
+    assert (hi << 8 | lo) == 0x1000 - 0x100
+
+
+def test_readback_status_and_bcd() -> None:
+    bus, _, _, _, _ = pit()
+    bus.write(0x43, 1, 0xB1)  # ch2, lo/hi, mode 0, BCD
+    bus.write(0x42, 1, 0x99)
+    bus.write(0x42, 1, 0x09)  # BCD 0999
+    bus.write(0x43, 1, 0xE8)  # read-back: status only, ch2
+    assert bus.read(0x42, 1) == 0x31  # OUT low, count loaded, lo/hi, mode 0, BCD
+    lo, hi = bus.read(0x42, 1), bus.read(0x42, 1)
+    assert hi <= 0x09 and all(int(d) < 10 for d in f"{hi:02x}{lo:02x}")
+
+
+def test_port61_gate_and_out2_for_delay_loops() -> None:
+    bus, _, clock, _, _ = pit()
+    bus.write(0x61, 1, 0x01)  # gate 2 on
+    bus.write(0x43, 1, 0xB0)  # ch2, lo/hi, mode 0
+    bus.write(0x42, 1, 100)
+    bus.write(0x42, 1, 0)
+    assert not bus.read(0x61, 1) & 0x20
+    clock.ticks(101)
+    assert bus.read(0x61, 1) & 0x20  # terminal count reached
+    assert bus.read(0x61, 1) & 0x10 != bus.read(0x61, 1) & 0x10  # refresh toggles
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 255)), max_size=80))
+def test_random_pit_writes_never_raise(ops: list[tuple[int, int]]) -> None:
+    bus, p, clock, _, _ = pit()
+    for port, v in ops:
+        bus.write(0x40 + port, 1, v)
+        clock.ticks(v)
+        assert 0 <= bus.read(0x40 + port % 3, 1) <= 0xFF
+    for ch in p.channels:
+        assert 1 <= ch.count <= 0x10000 and 0 <= ch.mode <= 5
+
+
+def rtc(now: int = calendar.timegm((2026, 11, 25, 13, 45, 30, 0, 0, 0))) -> tuple[IoBus, Rtc]:
+    r = Rtc(irq=lambda: None, memory_bytes=64 << 20, timer=FakeTimer(),
+            now_ns=lambda: now * 10**9)
+    bus = IoBus()
+    bus.insert(r, 0x70, 2)
+    return bus, r
+
+
+def cmos(bus: IoBus, reg: int) -> int:
+    bus.write(0x70, 1, reg)
+    return bus.read(0x71, 1)
+
+
+def test_rtc_time_bcd_binary_and_12h() -> None:
+    bus, _ = rtc()
+    assert [cmos(bus, r) for r in (0, 2, 4, 7, 8, 9, 0x32)] == [
+        0x30, 0x45, 0x13, 0x25, 0x11, 0x26, 0x20]
+    bus.write(0x70, 1, 0x0B)
+    bus.write(0x71, 1, 0x04)  # binary, 12-hour
+    assert cmos(bus, 0) == 30 and cmos(bus, 4) == 0x80 | 1  # 1 PM
+
+
+def test_rtc_set_time_moves_the_guest_clock_only() -> None:
+    bus, r = rtc()
+    bus.write(0x70, 1, 0x09)
+    bus.write(0x71, 1, 0x30)  # year 30
+    assert cmos(bus, 9) == 0x30 and r.offset_s > 0
+    bus.write(0x70, 1, 0x08)
+    bus.write(0x71, 1, 0x13)  # month 13: impossible, ignored
+    assert cmos(bus, 8) == 0x11
+
+
+def test_rtc_memory_size_and_register_c_clears() -> None:
+    bus, r = rtc()
+    assert cmos(bus, 0x30) | cmos(bus, 0x31) << 8 == 63 * 1024
+    assert cmos(bus, 0x34) | cmos(bus, 0x35) << 8 == (48 << 20) >> 16
+    bus.write(0x70, 1, 0x0B)
+    bus.write(0x71, 1, 0x42)  # PIE, 24h
+    r.on_timer(1)
+    assert cmos(bus, 0x0C) & 0xC0 == 0xC0 and cmos(bus, 0x0C) == 0
+    assert r.periodic_ns() == 10**9 // 1024
+
+
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 255)), max_size=80))
+def test_random_cmos_writes_never_raise(ops: list[tuple[int, int]]) -> None:
+    bus, r = rtc()
+    for reg, v in ops:
+        bus.write(0x70, 1, reg)
+        bus.write(0x71, 1, v)
+        assert 0 <= bus.read(0x71, 1) <= 0xFF
+        r.on_timer(1)
+    assert len(r.cmos) == 128
