@@ -158,3 +158,18 @@ def test_kick_interrupts_kvm_run(guests: Path) -> None:
         t.join(10)
         assert not t.is_alive()
         assert got == [exits.InterruptedExit()]
+
+
+def test_acpi_tables_are_in_guest_memory_and_pvh_points_at_them(guests: Path) -> None:
+    import struct
+
+    from pyvmm.machine import layout as L
+
+    cfg = MachineConfig.from_dict({"kernel": str(guests / "hello.elf"), "quiet": True,
+                                   "serial": "none"})
+    with Machine(cfg) as m:
+        for addr, blob in m.acpi.blobs.values():
+            assert m.mem.read(addr, len(blob)) == blob
+        rsdp_paddr = struct.unpack("<Q", m.mem.read(L.PVH_START_INFO + 32, 8))[0]
+        assert rsdp_paddr == m.acpi.rsdp_addr
+        assert m.mem.read(rsdp_paddr, 8) == b"RSD PTR "

@@ -49,6 +49,9 @@ PIT_BASE, PORT61 = 0x40, 0x61
 RTC_BASE, RTC_GSI = 0x70, 8
 IOAPIC_BASE = 0xFEC00000
 LAPIC_BASE = 0xFEE00000
+ACPI_BASE, ACPI_SIZE = 0xE0000, 0x10000  # in the e820-reserved BIOS area
+VIRTIO_MMIO_BASE, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_SLOTS = 0xFEB00000, 0x1000, 4
+VIRTIO_MMIO_GSI_BASE = 20  # GSIs 20-23 (16-19 are PCI INTx)
 PCI_CONFIG_PORT = 0xCF8  # CONFIG_ADDRESS 0xCF8, CONFIG_DATA 0xCFC-0xCFF
 PCI_ECAM_BASE, PCI_ECAM_SIZE = 0xB0000000, 1 << 20  # bus 0 only
 PCI_MEM_BASE, PCI_MEM_SIZE = 0xC0000000, 0xFEC00000 - 0xC0000000  # up to the IOAPIC
@@ -64,6 +67,7 @@ MACHINE_MAP: tuple[MapEntry, ...] = (
     MapEntry("multiboot-mmap", "ram", MULTIBOOT_MMAP, 0x700, what="multiboot memory map"),
     MapEntry("cmdline", "ram", CMDLINE, CMDLINE_MAX, what="kernel command line"),
     MapEntry("identity-pt", "ram", IDENTITY_PML4, 0x6000, what="page tables, 64-bit start"),
+    MapEntry("acpi", "ram", ACPI_BASE, ACPI_SIZE, what="RSDP, XSDT, FADT, MADT, MCFG, DSDT"),
     MapEntry("kernel", "ram", KERNEL_DEFAULT_LOAD, 0, what="kernel image (ELF p_paddr)"),
     MapEntry("i8042", "pio", I8042_DATA_PORT, 1, what="keyboard controller data"),
     MapEntry("i8042", "pio", I8042_STATUS_PORT, 1, what="keyboard controller cmd (reset)"),
@@ -76,6 +80,9 @@ MACHINE_MAP: tuple[MapEntry, ...] = (
     MapEntry("rtc", "pio", RTC_BASE, 2, gsi=RTC_GSI, what="MC146818 RTC + CMOS"),
     MapEntry("ioapic", "mmio", IOAPIC_BASE, 0x100, what="82093AA IOAPIC (split; else KVM)"),
     MapEntry("lapic", "mmio", LAPIC_BASE, 0x1000, what="local APIC (always in KVM)"),
+    *(MapEntry(f"virtio-mmio{i}", "mmio", VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SLOT_SIZE,
+               VIRTIO_MMIO_SLOT_SIZE, gsi=VIRTIO_MMIO_GSI_BASE + i,
+               what="virtio-mmio slot (ACPI LNRO0005)") for i in range(VIRTIO_MMIO_SLOTS)),
     MapEntry("debug-exit", "pio", DEBUG_EXIT_BASE, 4, what="isa-debug-exit compatible"),
     MapEntry("serial0", "pio", COM1_BASE, 8, gsi=COM1_GSI, what="16550A UART (COM1)"),
     MapEntry("pci-config", "pio", PCI_CONFIG_PORT, 8, what="PCI CONFIG_ADDRESS/CONFIG_DATA"),
@@ -84,6 +91,12 @@ MACHINE_MAP: tuple[MapEntry, ...] = (
     MapEntry("pci-mem", "mmio", PCI_MEM_BASE, PCI_MEM_SIZE, what="PCI memory BAR window"),
     MapEntry("testdev", "mmio", TESTDEV_MMIO, 0x1000, what="pyvmm test register"),
 )
+
+
+def virtio_mmio_slots() -> list[tuple[int, int]]:
+    """(base, GSI) of each virtio-mmio slot, as the DSDT describes them."""
+    return [(VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_GSI_BASE + i)
+            for i in range(VIRTIO_MMIO_SLOTS)]
 
 
 def ram_layout(size: int) -> list[tuple[int, int]]:

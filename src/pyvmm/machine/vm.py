@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvmm import pvm
+from pyvmm.acpi import tables as acpi_tables
 from pyvmm.backends.char import SerialIo
 from pyvmm.bus import IoBus, MmioBus
 from pyvmm.devices.legacy.debug_exit import DebugExit
@@ -179,11 +180,15 @@ class Machine:
     def _write_boot_info(self, img: BootImage) -> None:
         e820 = e820_map(self.cfg.memory, L.PCI_HOLE_START)
         self.mem.write(L.CMDLINE, self.cfg.cmdline.encode() + b"\0")
+        self.acpi = acpi_tables.build()
+        for addr, blob in self.acpi.blobs.values():
+            self.mem.write(addr, blob)
         if img.format is Format.MULTIBOOT:
             write_multiboot_info(self.mem, L.MULTIBOOT_INFO, L.CMDLINE, L.MULTIBOOT_MMAP, e820)
             info = L.MULTIBOOT_INFO
         else:
-            write_pvh_start_info(self.mem, L.PVH_START_INFO, L.CMDLINE, L.PVH_MEMMAP, e820)
+            write_pvh_start_info(self.mem, L.PVH_START_INFO, L.CMDLINE, L.PVH_MEMMAP, e820,
+                                 rsdp_addr=self.acpi.rsdp_addr)
             info = L.PVH_START_INFO
         setup_entry_state(self.vcpu, self.mem, img, gdt_addr=L.BOOT_GDT,
                           pml4_addr=L.IDENTITY_PML4, info_addr=info)
