@@ -30,6 +30,7 @@ from pyvmm.devices.legacy.pic import Elcr
 from pyvmm.devices.legacy.pit import Pit, Port61
 from pyvmm.devices.legacy.rtc import Rtc
 from pyvmm.devices.legacy.uart import Serial
+from pyvmm.devices.pci.testdev import PciTestDev
 from pyvmm.devices.testdev import TestDev
 from pyvmm.errors import KvmError
 from pyvmm.event import EventManager
@@ -340,7 +341,10 @@ class Machine:
             "pci": {"bad_config_accesses": self.pci.bad_config_accesses,
                     "rejected_bars": self.pci.rejected_bars,
                     "msis_sent": self.irqchip.msis_sent,
-                    "msis_dropped": self.irqchip.msis_dropped},
+                    "msis_dropped": self.irqchip.msis_dropped,
+                    "msix_bad_accesses": sum(
+                        d.msix.bad_accesses for _, d in self.pci.functions()
+                        if isinstance(d, PciTestDev))},
             "serial": {"tx_bytes": self.serial.tx_bytes, "rx_dropped": self.serial.rx_dropped},
         }
 

@@ -14,6 +14,7 @@ import struct
 
 from pyvmm.devices.pci.config_space import PCIConfigSpace
 from pyvmm.irq.chip import MsiMessage, MsiSink
+from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import pci as P
 
 
@@ -32,6 +33,7 @@ class MsixCapability:
             self._set_ctrl(n, P.PCI_MSIX_ENTRY_CTRL_MASKBIT)
         self.pba = bytearray(((vectors + 63) // 64) * 8)
         self.bad_accesses = 0
+        self.errors = OnceLog()
         body = struct.pack("<HII", vectors - 1, table_offset | bar, self.pba_offset | bar)
         wmask = struct.pack("<HII", P.PCI_MSIX_FLAGS_ENABLE | P.PCI_MSIX_FLAGS_MASKALL, 0, 0)
         self.off = config.add_capability(P.PCI_CAP_ID_MSIX, body, wmask, self._on_cfg_write)
@@ -98,14 +100,19 @@ class MsixCapability:
             rel = offset - base
             if rel >= 0 and rel + size <= len(buf) and size in (4, 8) and rel % size == 0:
                 return int.from_bytes(buf[rel:rel + size], "little")
-        self.bad_accesses += 1
+        self._bad("read", offset, size)
         return (1 << (8 * size)) - 1 if size in (1, 2, 4, 8) else 0
+
+    def _bad(self, kind: str, offset: int, size: int) -> None:
+        self.bad_accesses += 1
+        self.errors.warn(f"msix-{kind}", f"MSI-X {kind} of {size} bytes at BAR offset "
+                         f"{offset:#x} is outside the table or misaligned; ignored")
 
     def write(self, offset: int, size: int, value: int) -> None:
         rel = offset - self.table_offset
         if not (rel >= 0 and rel + size <= len(self.table) and size in (4, 8)
                 and rel % size == 0):
-            self.bad_accesses += 1  # PBA is read-only; other offsets are not ours
+            self._bad("write", offset, size)  # PBA is read-only; other offsets are not ours
             return
         self.table[rel:rel + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         # Writes reaching a vector control word may unmask that vector.
