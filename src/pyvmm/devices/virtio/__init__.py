@@ -1,0 +1,1 @@
+"""Virtio 1.2: the transport-independent core, split virtqueues, devices, transports."""

@@ -1,0 +1,208 @@
+"""The virtio device status machine and feature negotiation, written once (§2.1-§3.1).
+
+``VirtioDevice`` is what a device implements; it knows nothing of its transport.
+``VirtioCore`` holds what the driver programs (status, features, ``QueueConfig``s) and
+turns it into running ``Virtqueue``s at DRIVER_OK, handing them to the device with
+guest memory and an interrupt object (activation, as in Firecracker and crosvm).
+Both transports (PCI, MMIO) drive a core. A driver mistake — FEATURES_OK with
+features the device does not offer, DRIVER_OK with a broken queue, a malformed chain
+while running — never raises into the VMM: the core sets DEVICE_NEEDS_RESET, sends a
+configuration-change interrupt, logs once, and stops the device until reset.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from pyvmm.devices.virtio.queue import DescriptorChain, QueueConfig, Virtqueue, VirtqueueError
+from pyvmm.errors import GuestMemoryError
+from pyvmm.memory import GuestMemory
+from pyvmm.ratelimit_log import OnceLog
+from pyvmm.uapi import virtio as V
+
+
+class VirtioInterrupt(Protocol):
+    def signal_queue(self, vq: Virtqueue) -> None: ...
+
+    def signal_config(self) -> None: ...
+
+
+class VirtioDevice:
+    """Base for devices. Subclasses set ``device_type``, ``queue_max_sizes`` and
+    ``features`` and implement ``process_queue`` (and config space if they have one)."""
+
+    device_type = 0
+    queue_max_sizes: tuple[int, ...] = (256,)
+    features = 1 << V.VIRTIO_F_VERSION_1
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.mem: GuestMemory | None = None
+        self.queues: list[Virtqueue | None] = []
+        self.irq: VirtioInterrupt | None = None
+        self.requests = 0
+        self.bytes = 0
+
+    def config_bytes(self) -> bytes:
+        return b""
+
+    def read_config(self, offset: int, size: int) -> int:
+        data = self.config_bytes()
+        if offset < 0 or offset + size > len(data):
+            return 0
+        return int.from_bytes(data[offset:offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        pass  # read-only unless a device says otherwise
+
+    def activate(self, mem: GuestMemory, queues: list[Virtqueue | None],
+                 irq: VirtioInterrupt) -> None:
+        self.mem, self.queues, self.irq = mem, queues, irq
+
+    def reset(self) -> None:
+        self.acked = 0
+        self.mem, self.queues, self.irq = None, [], None
+
+    def process_queue(self, index: int) -> None:
+        raise NotImplementedError
+
+    def has(self, bit: int) -> bool:
+        return bool(self.acked & (1 << bit))
+
+    def queue(self, index: int) -> Virtqueue:
+        vq = self.queues[index]
+        assert vq is not None and self.mem is not None  # the core checked before calling
+        return vq
+
+    def complete(self, vq: Virtqueue, chain: DescriptorChain, written: int) -> None:
+        """add_used and interrupt if the driver wants one (EVENT_IDX honoured)."""
+        vq.add_used(chain, written)
+        if vq.needs_interrupt() and self.irq is not None:
+            self.irq.signal_queue(vq)
+
+
+class VirtioCore:
+    def __init__(self, device: VirtioDevice, mem: GuestMemory) -> None:
+        self.device = device
+        self.mem = mem
+        self.queues = [QueueConfig(n) for n in device.queue_max_sizes]
+        self.lock = threading.RLock()  # vCPU (registers) and event loop (queues)
+        self.errors = OnceLog()
+        self.irq: VirtioInterrupt | None = None
+        self.needs_reset_count = 0
+        self.notifications = 0
+        self.ignored_notifications = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.status = 0
+        self.driver_features = 0
+        self.config_generation = 0
+        self.active = False
+        for q in self.queues:
+            q.reset()
+        self.device.reset()
+
+    # --- features ----------------------------------------------------------------------
+    def device_features_word(self, sel: int) -> int:
+        return (self.device.features >> (32 * sel)) & 0xFFFFFFFF if sel < 2 else 0
+
+    def set_driver_features_word(self, sel: int, value: int) -> None:
+        if self.status & V.VIRTIO_CONFIG_S_FEATURES_OK or sel > 1:
+            self.errors.warn("features-late", "driver wrote features after FEATURES_OK or "
+                             "beyond word 1; ignored")
+            return
+        shift = 32 * sel
+        self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (
+            (value & 0xFFFFFFFF) << shift)
+
+    # --- status ------------------------------------------------------------------------
+    def set_status(self, value: int) -> None:
+        value &= 0xFF
+        with self.lock:
+            if value == 0:
+                self.reset()
+                return
+            if value & ~self.status & V.VIRTIO_CONFIG_S_NEEDS_RESET:
+                value &= ~V.VIRTIO_CONFIG_S_NEEDS_RESET  # the driver cannot set it
+            if self.status & ~value & ~V.VIRTIO_CONFIG_S_NEEDS_RESET:
+                self.errors.warn("status-clear", f"driver cleared status bits "
+                                 f"{self.status:#x} -> {value:#x} without reset; ignored")
+                return
+            new = value & ~self.status
+            if new & V.VIRTIO_CONFIG_S_FEATURES_OK and not self._features_ok():
+                value &= ~V.VIRTIO_CONFIG_S_FEATURES_OK  # the driver reads back failure
+            self.status = value | (self.status & V.VIRTIO_CONFIG_S_NEEDS_RESET)
+            if new & V.VIRTIO_CONFIG_S_DRIVER_OK:
+                self._activate()
+
+    def _features_ok(self) -> bool:
+        f = self.driver_features
+        if f & ~self.device.features:
+            self.errors.warn("features-extra", f"driver accepted features {f:#x} the device "
+                             f"does not offer ({self.device.features:#x})")
+            return False
+        if not f & (1 << V.VIRTIO_F_VERSION_1):
+            self.errors.warn("features-legacy", "driver did not accept VIRTIO_F_VERSION_1")
+            return False
+        self.device.acked = f
+        return True
+
+    def _activate(self) -> None:
+        if not self.status & V.VIRTIO_CONFIG_S_FEATURES_OK:
+            self.needs_reset("DRIVER_OK without FEATURES_OK")
+            return
+        if self.irq is None:
+            self.needs_reset("no interrupt path")
+            return
+        vqs: list[Virtqueue | None] = []
+        ev = self.device.has(V.VIRTIO_RING_F_EVENT_IDX)
+        ind = self.device.has(V.VIRTIO_RING_F_INDIRECT_DESC)
+        for i, q in enumerate(self.queues):
+            if not q.ready:
+                vqs.append(None)
+                continue
+            problem = q.problem()
+            if problem:
+                self.needs_reset(f"queue {i}: {problem}")
+                return
+            try:
+                vqs.append(Virtqueue(self.mem, q, event_idx=ev, indirect=ind))
+            except VirtqueueError as e:
+                self.needs_reset(f"queue {i}: {e}")
+                return
+        self.device.activate(self.mem, vqs, self.irq)
+        self.active = True
+
+    def needs_reset(self, why: str) -> None:
+        self.needs_reset_count += 1
+        self.errors.warn(f"needs-reset:{why.split(':')[0]}",
+                         f"virtio {type(self.device).__name__}: {why}; DEVICE_NEEDS_RESET")
+        self.active = False
+        if self.status & V.VIRTIO_CONFIG_S_DRIVER_OK:
+            self.status |= V.VIRTIO_CONFIG_S_NEEDS_RESET
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            if self.irq is not None:
+                self.irq.signal_config()
+        else:
+            self.status |= V.VIRTIO_CONFIG_S_NEEDS_RESET
+
+    # --- notifications (event loop, or the vCPU without ioeventfd) -----------------------
+    def notify(self, index: int) -> None:
+        with self.lock:
+            self.notifications += 1
+            if not self.active:
+                self.ignored_notifications += 1
+                self.errors.warn("notify-inactive", "queue notification before DRIVER_OK "
+                                 "or after NEEDS_RESET; ignored")
+                return
+            if not 0 <= index < len(self.queues) or self.device.queues[index] is None:
+                self.ignored_notifications += 1
+                self.errors.warn("notify-index", f"notification for queue {index}, which is "
+                                 "not set up; ignored")
+                return
+            try:
+                self.device.process_queue(index)
+            except (VirtqueueError, GuestMemoryError) as e:
+                self.needs_reset(f"queue {index}: {e}")
