@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(LAPIC in KVM, PIC/IOAPIC/PIT in Python)")
     r.add_argument("--timeout", help="stop the VM after this many seconds (exit code 124)")
     r.add_argument("--quiet", "-q", action="store_true", help="no exit table or notices")
+    r.add_argument("--disk", action="append",
+                   help="virtio-blk disk: path=IMG[,readonly=on][,transport=pci] (repeatable)")
+    r.add_argument("--rng", action="store_true", help="add a virtio-rng device")
     r.add_argument("--no-pci-testdev", action="store_true",
                    help="leave the PCI test device (00:01.0) out")
     i = sub.add_parser("info", help="describe the machine")
@@ -53,7 +56,7 @@ def _config_from_args(a: argparse.Namespace) -> MachineConfig:
         "kernel": a.kernel, "memory": a.memory, "cmdline": a.cmdline, "serial": a.serial,
         "load_addr": a.load_addr, "entry": a.entry, "exits_json": a.exits_json,
         "debug_exit_port": a.debug_exit_port, "debug_exit_size": a.debug_exit_size,
-        "timeout": a.timeout, "irqchip": a.irqchip,
+        "timeout": a.timeout, "irqchip": a.irqchip, "disks": a.disk,
     }
     if a.config:
         cfg = MachineConfig.from_json(a.config, fields)
@@ -66,6 +69,8 @@ def _config_from_args(a: argparse.Namespace) -> MachineConfig:
         cfg.quiet = True
     if a.no_pci_testdev:
         cfg.pci_testdev = False
+    if a.rng:
+        cfg.rng = True
     return cfg
 
 

@@ -47,6 +47,38 @@ SERIAL_KINDS = ("stdio", "file", "socket", "none")
 
 
 @dataclass
+class DiskConfig:
+    path: str
+    readonly: bool = False
+    transport: str = "pci"
+
+    @classmethod
+    def parse(cls, spec: str | dict[str, Any]) -> DiskConfig:
+        """'path=IMG[,readonly=on][,transport=pci|mmio]' or the same as a JSON object."""
+        if isinstance(spec, dict):
+            items = {str(k): str(v) for k, v in spec.items()}
+        else:
+            items = {}
+            for part in str(spec).split(","):
+                key, eq, val = part.partition("=")
+                if not eq:
+                    raise ConfigError(f"disk {spec!r}: expected key=value, got {part!r}")
+                items[key.strip()] = val.strip()
+        unknown = set(items) - {"path", "readonly", "transport"}
+        if unknown:
+            raise ConfigError(f"disk {spec!r}: unknown key {sorted(unknown)[0]!r}")
+        if not items.get("path"):
+            raise ConfigError(f"disk {spec!r}: no path= given")
+        ro = items.get("readonly", "off").lower()
+        if ro not in ("on", "off", "true", "false"):
+            raise ConfigError(f"disk {spec!r}: readonly must be on or off")
+        transport = items.get("transport", "pci")
+        if transport not in ("pci", "mmio"):
+            raise ConfigError(f"disk {spec!r}: transport must be pci or mmio")
+        return cls(items["path"], ro in ("on", "true"), transport)
+
+
+@dataclass
 class SerialConfig:
     kind: str = "stdio"
     path: str | None = None
@@ -80,6 +112,8 @@ class MachineConfig:
     quiet: bool = False
     pci_testdev: bool = True
     irqchip: str = "kernel"  # "kernel": KVM's PIC/IOAPIC/PIT; "split": Python's
+    disks: list[DiskConfig] = field(default_factory=list)
+    rng: bool = False
 
     def validate(self) -> None:
         if self.memory < MIN_MEMORY:
@@ -102,6 +136,12 @@ class MachineConfig:
             raise ConfigError("kernel command line is longer than 4095 bytes")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("timeout must be positive")
+        for d in self.disks:
+            if d.transport == "mmio":
+                raise ConfigError("disk transport=mmio is not implemented yet (use pci)")
+            if not Path(d.path).is_file():
+                what = "is a directory" if Path(d.path).is_dir() else "not found"
+                raise ConfigError(f"disk image {what}: {d.path}")
 
     @classmethod
     def from_json(cls, path: str, overrides: dict[str, Any] | None = None) -> MachineConfig:
@@ -149,6 +189,12 @@ class MachineConfig:
             if raw["irqchip"] not in ("kernel", "split"):
                 raise ConfigError(f"irqchip {raw['irqchip']!r}: use kernel or split")
             cfg.irqchip = str(raw["irqchip"])
+        if raw.get("disks") is not None:
+            if not isinstance(raw["disks"], list):
+                raise ConfigError(f"{source}: disks must be a list")
+            cfg.disks = [DiskConfig.parse(d) for d in raw["disks"]]
+        if "rng" in raw:
+            cfg.rng = bool(raw["rng"])
         if "pci_testdev" in raw:
             cfg.pci_testdev = bool(raw["pci_testdev"])
         return cfg

@@ -58,6 +58,7 @@ PCI_MEM_BASE, PCI_MEM_SIZE = 0xC0000000, 0xFEC00000 - 0xC0000000  # up to the IO
 PCI_IO_BASE, PCI_IO_SIZE = 0xC000, 0x4000
 PCI_HOST_BRIDGE_SLOT = 0
 PCI_TESTDEV_SLOT = 1
+PCI_FIRST_FREE_SLOT = 2
 
 MACHINE_MAP: tuple[MapEntry, ...] = (
     MapEntry("boot-gdt", "ram", BOOT_GDT, 0x20, what="GDT for the kernel's entry"),

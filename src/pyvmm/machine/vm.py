@@ -21,6 +21,7 @@ from typing import Any
 
 from pyvmm import pvm
 from pyvmm.acpi import tables as acpi_tables
+from pyvmm.backends.block import RawBlockBackend
 from pyvmm.backends.char import SerialIo
 from pyvmm.bus import IoBus, MmioBus
 from pyvmm.devices.legacy.debug_exit import DebugExit
@@ -32,6 +33,10 @@ from pyvmm.devices.legacy.rtc import Rtc
 from pyvmm.devices.legacy.uart import Serial
 from pyvmm.devices.pci.testdev import PciTestDev
 from pyvmm.devices.testdev import TestDev
+from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.core import VirtioDevice
+from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
 from pyvmm.errors import KvmError
 from pyvmm.event import EventManager
 from pyvmm.event.timerfd import TimerFd
@@ -46,6 +51,7 @@ from pyvmm.loader.e820 import e820_map
 from pyvmm.loader.image import BootImage, Format
 from pyvmm.machine import layout as L
 from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.fastpath import IoeventfdFastPath
 from pyvmm.machine.pci import build_pci
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
@@ -129,7 +135,10 @@ class Machine:
         self._build_chipset()
         self.testdev = TestDev()
         self.mmio.insert(self.testdev, L.TESTDEV_MMIO, 0x1000, "testdev")
-        self.pci = build_pci(self.pio, self.mmio, self.mem, self.irqchip, cfg.pci_testdev)
+        self.fast_path = IoeventfdFastPath(vm, self.events)
+        self.virtio = self._virtio_devices()
+        self.pci = build_pci(self.pio, self.mmio, self.mem, self.irqchip, cfg.pci_testdev,
+                             self.virtio)
         for _, dev in self.pci.functions():
             pin_gsi = dev.config.data[0x3C] if dev.config.data[0x3D] else None
             if pin_gsi is not None:
@@ -141,6 +150,18 @@ class Machine:
         if isinstance(self.irqchip, SplitIrqChip):
             self.irqchip.attach(self.vcpu)
         self._write_boot_info(self.image)
+
+    def _virtio_devices(self) -> list[VirtioPciDevice]:
+        devs: list[VirtioDevice] = []
+        self.block_backends: list[RawBlockBackend] = []
+        for i, d in enumerate(self.cfg.disks):
+            be = RawBlockBackend(d.path, d.readonly)
+            self.block_backends.append(be)
+            devs.append(VirtioBlk(be, serial=f"pyvmm-disk{i}"))
+        if self.cfg.rng:
+            devs.append(VirtioRng())
+        return [VirtioPciDevice(dev, self.mem, self.irqchip, defer=self.events.call_soon,
+                                fast_path=self.fast_path) for dev in devs]
 
     def _timer(self, lock: threading.RLock, on_timer: Callable[[int], None]) -> TimerFd:
         t = TimerFd()
@@ -338,6 +359,10 @@ class Machine:
             "buses": [self.pio.snapshot(), self.mmio.snapshot()],
             "guest_errors": dict(self.guest_errors.counts),
             "irqchip": self._irqchip_report(),
+            "virtio": [{"device": v.name, "requests": v.device.requests,
+                        "bytes": v.device.bytes, "notifications": v.core.notifications,
+                        "interrupts": v.interrupts, "needs_reset": v.core.needs_reset_count}
+                       for v in self.virtio],
             "pci": {"bad_config_accesses": self.pci.bad_config_accesses,
                     "rejected_bars": self.pci.rejected_bars,
                     "msis_sent": self.irqchip.msis_sent,
@@ -389,6 +414,8 @@ class Machine:
     def close(self) -> None:
         for t in getattr(self, "timers", []):
             t.close()
+        for be in getattr(self, "block_backends", []):
+            be.close()
         if hasattr(self, "serial_io"):
             self.serial_io.close()
         self.vm.close()

@@ -49,5 +49,9 @@ class PCIDevice:
         self.intx.set_level(self._intx_level
                             and not c.command & P.PCI_COMMAND_INTX_DISABLE)
 
+    def bar_moved(self, index: int, new: int | None) -> None:
+        """BAR ``index`` now decodes at ``new`` (None: not mapped). For fast paths
+        (ioeventfd) that must follow the BAR; most devices need nothing."""
+
     def reset(self) -> None:
         """Function-level reset; devices extend this."""

@@ -121,15 +121,20 @@ class PCIRoot:
                 if r is not None and r.name == name:
                     bus.remove(ch.old)
             if ch.new is None:
+                dev.bar_moved(ch.index, None)
                 continue
             window = self.io_window if ch.is_io else self.mem_window
             if not window.holds(ch.new, ch.size):
                 self._reject(name, ch, "outside the PCI window")
+                dev.bar_moved(ch.index, None)
                 continue
             try:
                 bus.insert(BarWindow(dev, ch.index), ch.new, ch.size, name)
             except BusError:
                 self._reject(name, ch, "overlapping another device")
+                dev.bar_moved(ch.index, None)
+                continue
+            dev.bar_moved(ch.index, ch.new)
 
     def _reject(self, name: str, ch: BarChange, why: str) -> None:
         self.rejected_bars += 1
