@@ -109,6 +109,8 @@ int virtio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size, u16 ms
     w32(v->common + Q_USED + 4, 0);
     w16(v->common + Q_MSIX, msix);
     q->notify = v->notify_base + (u64)r16(v->common + Q_NOFF) * v->notify_mult;
+    q->index = index;
+    q->mmio = 0;
     w16(v->common + Q_ENABLE, 1);
     return 0;
 }
@@ -132,7 +134,10 @@ u16 vq_submit(struct vq *q, const struct vbuf *bufs, int n)
     q->avail_idx++;
     q->avail->idx = q->avail_idx;
     __asm__ volatile("mfence" ::: "memory");
-    w16(q->notify, 0);
+    if (q->mmio)
+        w32(q->notify, q->index);
+    else
+        w16(q->notify, q->index);
     return 0;
 }
 
@@ -147,4 +152,92 @@ i64 vq_wait(struct vq *q, u64 spins)
         cpu_relax();
     }
     return -1;
+}
+
+/* --- ACPI discovery of virtio-mmio slots ------------------------------------------- */
+extern u64 boot_info;
+
+static u64 find_rsdp(void)
+{
+    if (boot_info && *(u32 *)boot_info == 0x336ec578u && *(u64 *)(boot_info + 32))
+        return *(u64 *)(boot_info + 32);               /* PVH rsdp_paddr */
+    for (u64 a = 0xe0000; a < 0x100000; a += 16)        /* the BIOS-area scan */
+        if (!memcmp((void *)a, "RSD PTR ", 8))
+            return a;
+    return 0;
+}
+
+int acpi_virtio_mmio_slots(u64 *bases, int max)
+{
+    u64 rsdp = find_rsdp();
+    if (!rsdp)
+        return 0;
+    u8 *xsdt = (u8 *)*(u64 *)(rsdp + 24);
+    u32 xlen = *(u32 *)(xsdt + 4);
+    u8 *dsdt = 0;
+    for (u32 off = 36; off + 8 <= xlen; off += 8) {
+        u8 *t = (u8 *)*(u64 *)(xsdt + off);
+        if (!memcmp(t, "FACP", 4))
+            dsdt = (u8 *)*(u64 *)(t + 140);             /* X_DSDT */
+    }
+    if (!dsdt)
+        return 0;
+    u32 dlen = *(u32 *)(dsdt + 4);
+    int n = 0;
+    for (u32 i = 36; i + 10 < dlen && n < max; i++) {
+        if (dsdt[i] != 0x0d || memcmp(dsdt + i + 1, "LNRO0005", 9))
+            continue;
+        for (u32 j = i + 10; j + 12 < dlen; j++) {
+            if (dsdt[j] == 0x86 && dsdt[j + 1] == 0x09 && dsdt[j + 2] == 0x00) {
+                bases[n++] = *(u32 *)(dsdt + j + 4);   /* Memory32Fixed base */
+                break;
+            }
+        }
+    }
+    return n;
+}
+
+int virtio_mmio_setup(u64 base, u64 want, struct vq *q, u16 size, u64 *features)
+{
+    if (r32(base) != 0x74726976 || r32(base + 4) != 2)
+        return -1;
+    u32 id = r32(base + 0x08);
+    if (!id)
+        return 0;                                       /* empty slot */
+    w32(base + 0x70, 0);
+    w32(base + 0x70, 1 | 2);
+    w32(base + 0x14, 0);
+    u64 f = r32(base + 0x10);
+    w32(base + 0x14, 1);
+    f |= (u64)r32(base + 0x10) << 32;
+    f &= want | (1ul << VIRTIO_F_VERSION_1);
+    *features = f;
+    w32(base + 0x24, 0); w32(base + 0x20, (u32)f);
+    w32(base + 0x24, 1); w32(base + 0x20, (u32)(f >> 32));
+    w32(base + 0x70, 1 | 2 | 8);
+    if (!(r32(base + 0x70) & 8))
+        return -1;
+    w32(base + 0x30, 0);
+    u32 max = r32(base + 0x34);
+    if (!max || ring_next >= 8)
+        return -1;
+    if (size > max) size = (u16)max;
+    if (size > VQ_MAX) size = VQ_MAX;
+    u8 *m = ring_mem[ring_next++];
+    memset(m, 0, sizeof ring_mem[0]);
+    q->size = size;
+    q->desc = (struct vring_desc *)m;
+    q->avail = (struct vring_avail *)(m + 4096);
+    q->used = (struct vring_used *)(m + 8192);
+    q->avail_idx = q->last_used = 0;
+    q->index = 0;
+    q->mmio = 1;
+    q->notify = base + 0x50;
+    w32(base + 0x38, size);
+    w32(base + 0x80, (u32)(u64)q->desc);  w32(base + 0x84, 0);
+    w32(base + 0x90, (u32)(u64)q->avail); w32(base + 0x94, 0);
+    w32(base + 0xa0, (u32)(u64)q->used);  w32(base + 0xa4, 0);
+    w32(base + 0x44, 1);
+    w32(base + 0x70, 1 | 2 | 8 | 4);
+    return (int)id;
 }

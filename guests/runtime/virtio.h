@@ -15,7 +15,8 @@ struct vring_used_elem { u32 id; u32 len; };
 struct vring_used { u16 flags; u16 idx; struct vring_used_elem ring[VQ_MAX]; u16 avail_event; };
 
 struct vq {
-    u16 size, avail_idx, last_used;
+    u16 size, avail_idx, last_used, index;
+    int mmio;                       /* notify by a 32-bit write of the index (virtio-mmio) */
     struct vring_desc *desc;
     struct vring_avail *avail;
     struct vring_used *used;
@@ -30,6 +31,11 @@ struct vdev {
 };
 
 struct vbuf { void *addr; u32 len; int write; };
+
+/* virtio-mmio: slots found through ACPI (RSDP -> XSDT -> FADT -> DSDT, "LNRO0005") */
+int acpi_virtio_mmio_slots(u64 *bases, int max);
+/* Full bring-up of a virtio-mmio device at base with queue 0; returns device ID or -1. */
+int virtio_mmio_setup(u64 base, u64 want, struct vq *q, u16 size, u64 *features);
 
 int virtio_pci_find(u16 device_id, u32 *slot);
 int virtio_pci_init(struct vdev *v, u32 slot);

@@ -34,15 +34,31 @@ int main(void)
     struct vdev v;
     struct vq q;
     u32 slot;
-    if (virtio_pci_find(0x1042, &slot) || virtio_pci_init(&v, slot))
-        fail("no virtio-blk");
-    if (virtio_negotiate(&v, 1ul << VIRTIO_BLK_F_FLUSH))
-        fail("FEATURES_OK refused");
-    if (virtio_queue_setup(&v, &q, 0, 64, 0xffff))
-        fail("queue setup");
-    virtio_driver_ok(&v);
-    u64 cap = *(volatile u32 *)v.device | ((u64)*(volatile u32 *)(v.device + 4) << 32);
-    printf("virtio-blk at 00:%02x.0 capacity=%lu sectors features=%lx\n", slot, cap, v.features);
+    u64 devcfg;
+    if (arg_u64("mmio", 0)) {
+        u64 bases[8];
+        int n = acpi_virtio_mmio_slots(bases, 8), found = -1;
+        printf("acpi: %d virtio-mmio slots\n", n);
+        for (int i = 0; i < n && found < 0; i++)
+            if (virtio_mmio_setup(bases[i], 1ul << VIRTIO_BLK_F_FLUSH, &q, 64, &v.features) == 2)
+                found = i;
+        if (found < 0)
+            fail("no virtio-blk in the ACPI virtio-mmio slots");
+        devcfg = bases[found] + 0x100;
+        printf("virtio-blk at mmio 0x%lx ", bases[found]);
+    } else {
+        if (virtio_pci_find(0x1042, &slot) || virtio_pci_init(&v, slot))
+            fail("no virtio-blk");
+        if (virtio_negotiate(&v, 1ul << VIRTIO_BLK_F_FLUSH))
+            fail("FEATURES_OK refused");
+        if (virtio_queue_setup(&v, &q, 0, 64, 0xffff))
+            fail("queue setup");
+        virtio_driver_ok(&v);
+        devcfg = v.device;
+        printf("virtio-blk at 00:%02x.0 ", slot);
+    }
+    u64 cap = *(volatile u32 *)devcfg | ((u64)*(volatile u32 *)(devcfg + 4) << 32);
+    printf("capacity=%lu sectors features=%lx\n", cap, v.features);
 
     if (blk_io(&q, 0, 0, buf, 512)) fail("read sector 0");
     u32 sum = 0;
@@ -61,6 +77,6 @@ int main(void)
     printf("id=%s\n", (char *)buf);
     if (blk_io(&q, 0, cap, buf, 512) != 1) fail("read past the end did not fail");
     printf("ok read past the end -> IOERR\n");
-    if (virtio_status(&v) & 0x40) fail("device needs reset");
+    if (!arg_u64("mmio", 0) && (virtio_status(&v) & 0x40)) fail("device needs reset");
     return 0;
 }

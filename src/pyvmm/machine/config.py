@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvmm.errors import ConfigError
-from pyvmm.machine.layout import DEBUG_EXIT_BASE, MiB
+from pyvmm.machine.layout import DEBUG_EXIT_BASE, VIRTIO_MMIO_SLOTS, MiB
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": MiB, "K": 1 << 10, "M": MiB, "G": 1 << 30, "T": 1 << 40}
@@ -136,9 +136,9 @@ class MachineConfig:
             raise ConfigError("kernel command line is longer than 4095 bytes")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("timeout must be positive")
+        if sum(d.transport == "mmio" for d in self.disks) > VIRTIO_MMIO_SLOTS:
+            raise ConfigError(f"at most {VIRTIO_MMIO_SLOTS} virtio-mmio devices")
         for d in self.disks:
-            if d.transport == "mmio":
-                raise ConfigError("disk transport=mmio is not implemented yet (use pci)")
             if not Path(d.path).is_file():
                 what = "is a directory" if Path(d.path).is_dir() else "not found"
                 raise ConfigError(f"disk image {what}: {d.path}")

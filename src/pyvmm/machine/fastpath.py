@@ -16,6 +16,7 @@ class Handle:
     fd: int
     addr: int
     length: int
+    datamatch: int | None = None
 
 
 class IoeventfdFastPath:
@@ -23,9 +24,10 @@ class IoeventfdFastPath:
         self.vm, self.events = vm, events
         self.signals = 0  # eventfd wake-ups handled (each may carry several kicks)
 
-    def add(self, addr: int, length: int, callback: Callable[[], None]) -> object:
+    def add(self, addr: int, length: int, callback: Callable[[], None],
+            datamatch: int | None = None) -> object:
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.vm.ioeventfd(fd, addr, length)
+        self.vm.ioeventfd(fd, addr, length, datamatch=datamatch)
 
         def ready(_fd: int, _ev: int) -> None:
             try:
@@ -36,10 +38,11 @@ class IoeventfdFastPath:
             callback()
 
         self.events.add(fd, ready)
-        return Handle(fd, addr, length)
+        return Handle(fd, addr, length, datamatch)
 
     def remove(self, handle: object) -> None:
         assert isinstance(handle, Handle)
-        self.vm.ioeventfd(handle.fd, handle.addr, handle.length, deassign=True)
+        self.vm.ioeventfd(handle.fd, handle.addr, handle.length, datamatch=handle.datamatch,
+                          deassign=True)
         self.events.remove(handle.fd)
         os.close(handle.fd)

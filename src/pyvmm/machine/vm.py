@@ -36,6 +36,7 @@ from pyvmm.devices.testdev import TestDev
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.devices.virtio.transport.mmio import VirtioMmioDevice
 from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
 from pyvmm.errors import KvmError
 from pyvmm.event import EventManager
@@ -152,16 +153,29 @@ class Machine:
         self._write_boot_info(self.image)
 
     def _virtio_devices(self) -> list[VirtioPciDevice]:
-        devs: list[VirtioDevice] = []
+        """virtio-pci devices (returned, for the PCI root) and virtio-mmio devices
+        (placed in the ACPI-described slots here)."""
+        pci: list[VirtioDevice] = []
         self.block_backends: list[RawBlockBackend] = []
+        self.virtio_mmio: list[VirtioMmioDevice] = []
+        slots = iter(L.virtio_mmio_slots())
         for i, d in enumerate(self.cfg.disks):
             be = RawBlockBackend(d.path, d.readonly)
             self.block_backends.append(be)
-            devs.append(VirtioBlk(be, serial=f"pyvmm-disk{i}"))
+            dev = VirtioBlk(be, serial=f"pyvmm-disk{i}")
+            if d.transport == "mmio":
+                base, gsi = next(slots)
+                m = VirtioMmioDevice(dev, self.mem, self.irqchip.line(gsi),
+                                     defer=self.events.call_soon, fast_path=self.fast_path)
+                self.mmio.insert(m, base, L.VIRTIO_MMIO_SLOT_SIZE, m.name)
+                m.attach(base)
+                self.virtio_mmio.append(m)
+            else:
+                pci.append(dev)
         if self.cfg.rng:
-            devs.append(VirtioRng())
+            pci.append(VirtioRng())
         return [VirtioPciDevice(dev, self.mem, self.irqchip, defer=self.events.call_soon,
-                                fast_path=self.fast_path) for dev in devs]
+                                fast_path=self.fast_path) for dev in pci]
 
     def _timer(self, lock: threading.RLock, on_timer: Callable[[int], None]) -> TimerFd:
         t = TimerFd()
@@ -362,7 +376,7 @@ class Machine:
             "virtio": [{"device": v.name, "requests": v.device.requests,
                         "bytes": v.device.bytes, "notifications": v.core.notifications,
                         "interrupts": v.interrupts, "needs_reset": v.core.needs_reset_count}
-                       for v in self.virtio],
+                       for v in self.virtio_transports()],
             "pci": {"bad_config_accesses": self.pci.bad_config_accesses,
                     "rejected_bars": self.pci.rejected_bars,
                     "msis_sent": self.irqchip.msis_sent,
@@ -372,6 +386,9 @@ class Machine:
                         if isinstance(d, PciTestDev))},
             "serial": {"tx_bytes": self.serial.tx_bytes, "rx_dropped": self.serial.rx_dropped},
         }
+
+    def virtio_transports(self) -> list[VirtioPciDevice | VirtioMmioDevice]:
+        return [*self.virtio, *self.virtio_mmio]
 
     def _irqchip_report(self) -> dict[str, Any]:
         chip = self.irqchip

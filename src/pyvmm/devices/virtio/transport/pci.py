@@ -19,6 +19,7 @@ DRIVER_OK by the core, which answers mistakes with DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -46,7 +47,8 @@ class NotifyFastPath(Protocol):
     """The machine's ioeventfd service: a guest write of ``length`` bytes at ``addr``
     runs ``callback`` on the event loop without a vCPU exit."""
 
-    def add(self, addr: int, length: int, callback: Callable[[], None]) -> object: ...
+    def add(self, addr: int, length: int, callback: Callable[[], None],
+            datamatch: int | None = None) -> object: ...
 
     def remove(self, handle: object) -> None: ...
 
@@ -124,7 +126,7 @@ class VirtioPciDevice(PCIDevice):
         for q in range(len(self.core.queues)):
             self._notify_handles.append(self.fast_path.add(
                 new + NOTIFY_OFF + NOTIFY_MULTIPLIER * q, 2,
-                lambda q=q: self.core.notify(q)))  # type: ignore[misc]
+                functools.partial(self.core.notify, q)))
 
     def read_bar(self, index: int, offset: int, size: int) -> int:
         with self.core.lock:
