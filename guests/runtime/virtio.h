@@ -7,7 +7,7 @@
 #define VIRTIO_F_VERSION_1 32
 #define VIRTIO_RING_F_INDIRECT_DESC 28
 #define VIRTIO_RING_F_EVENT_IDX 29
-#define VQ_MAX 64
+#define VQ_MAX 128
 
 struct vring_desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct vring_avail { u16 flags; u16 idx; u16 ring[VQ_MAX]; u16 used_event; };

@@ -246,6 +246,7 @@ class Machine:
     def run(self) -> RunResult:
         install_kick_handler()
         t0 = time.monotonic()
+        cpu0 = time.thread_time()
         thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
         thread.start()
         deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
@@ -262,6 +263,7 @@ class Machine:
             thread.join(0.05)
         assert self.result is not None
         self.result.wall_time = time.monotonic() - t0
+        self.event_loop_cpu = time.thread_time() - cpu0  # device work + host I/O
         self.result.exit_counts = {EXIT_NAMES.get(k, str(k)): v
                                    for k, v in sorted(self.exit_counts.items())}
         self.serial_io.flush()
@@ -368,6 +370,7 @@ class Machine:
             "result": None if r is None else {
                 "reason": r.reason, "exit_code": r.exit_code, "message": r.message,
                 "wall_time_s": r.wall_time,
+                "event_loop_cpu_s": getattr(self, "event_loop_cpu", 0.0),
             },
             "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(self.exit_counts.items())},
             "buses": [self.pio.snapshot(), self.mmio.snapshot()],
