@@ -47,6 +47,27 @@ SERIAL_KINDS = ("stdio", "file", "socket", "none")
 
 
 @dataclass
+class NetConfig:
+    tap: str = "auto"
+    mac: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | dict[str, Any]) -> NetConfig:
+        """'tap=NAME|auto[,mac=52:54:00:..]' or the same as a JSON object."""
+        items = ({str(k): str(v) for k, v in spec.items()} if isinstance(spec, dict) else
+                 dict(p.partition("=")[::2] for p in str(spec).split(",")))
+        unknown = set(items) - {"tap", "mac"}
+        if unknown:
+            raise ConfigError(f"net {spec!r}: unknown key {sorted(unknown)[0]!r}")
+        mac = items.get("mac")
+        if mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", mac):
+            raise ConfigError(f"net {spec!r}: mac must look like 52:54:00:12:34:56")
+        if mac is not None and int(mac[:2], 16) & 1:
+            raise ConfigError(f"net {spec!r}: mac {mac} is a multicast address")
+        return cls(items.get("tap") or "auto", mac)
+
+
+@dataclass
 class DiskConfig:
     path: str
     readonly: bool = False
@@ -113,6 +134,7 @@ class MachineConfig:
     pci_testdev: bool = True
     irqchip: str = "kernel"  # "kernel": KVM's PIC/IOAPIC/PIT; "split": Python's
     disks: list[DiskConfig] = field(default_factory=list)
+    nets: list[NetConfig] = field(default_factory=list)
     rng: bool = False
 
     def validate(self) -> None:
@@ -193,6 +215,10 @@ class MachineConfig:
             if not isinstance(raw["disks"], list):
                 raise ConfigError(f"{source}: disks must be a list")
             cfg.disks = [DiskConfig.parse(d) for d in raw["disks"]]
+        if raw.get("nets") is not None:
+            if not isinstance(raw["nets"], list):
+                raise ConfigError(f"{source}: nets must be a list")
+            cfg.nets = [NetConfig.parse(n) for n in raw["nets"]]
         if "rng" in raw:
             cfg.rng = bool(raw["rng"])
         if "pci_testdev" in raw:

@@ -23,6 +23,7 @@ from pyvmm import pvm
 from pyvmm.acpi import tables as acpi_tables
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.backends.char import SerialIo
+from pyvmm.backends.tap import Tap
 from pyvmm.bus import IoBus, MmioBus
 from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
@@ -35,6 +36,7 @@ from pyvmm.devices.pci.testdev import PciTestDev
 from pyvmm.devices.testdev import TestDev
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.core import VirtioDevice
+from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.devices.virtio.transport.mmio import VirtioMmioDevice
 from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
@@ -172,6 +174,13 @@ class Machine:
                 self.virtio_mmio.append(m)
             else:
                 pci.append(dev)
+        self.taps: list[Tap] = []
+        for i, n in enumerate(self.cfg.nets):
+            tap = Tap("" if n.tap == "auto" else n.tap)
+            self.taps.append(tap)
+            mac = bytes.fromhex(n.mac.replace(":", "")) if n.mac else bytes(
+                (0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + i))
+            pci.append(VirtioNet(tap, mac, self.events))
         if self.cfg.rng:
             pci.append(VirtioRng())
         return [VirtioPciDevice(dev, self.mem, self.irqchip, defer=self.events.call_soon,
@@ -436,6 +445,8 @@ class Machine:
             t.close()
         for be in getattr(self, "block_backends", []):
             be.close()
+        for tap in getattr(self, "taps", []):
+            tap.close()
         if hasattr(self, "serial_io"):
             self.serial_io.close()
         self.vm.close()

@@ -13,6 +13,7 @@ configuration-change interrupt, logs once, and stops the device until reset.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from pyvmm.devices.virtio.queue import DescriptorChain, QueueConfig, Virtqueue, VirtqueueError
@@ -38,6 +39,10 @@ class VirtioDevice:
 
     def __init__(self) -> None:
         self.acked = 0
+        # Set by the core: devices with host-side event sources (a TAP) take it, and
+        # report queue errors through on_error so the core can set NEEDS_RESET.
+        self.core_lock: threading.RLock = threading.RLock()
+        self.on_error: Callable[[str], None] | None = None
         self.mem: GuestMemory | None = None
         self.queues: list[Virtqueue | None] = []
         self.irq: VirtioInterrupt | None = None
@@ -88,6 +93,8 @@ class VirtioCore:
         self.mem = mem
         self.queues = [QueueConfig(n) for n in device.queue_max_sizes]
         self.lock = threading.RLock()  # vCPU (registers) and event loop (queues)
+        device.core_lock = self.lock
+        device.on_error = self.needs_reset
         self.errors = OnceLog()
         self.irq: VirtioInterrupt | None = None
         self.needs_reset_count = 0
