@@ -188,11 +188,13 @@ def test_serial_to_unix_socket(guests: Path, tmp_path: Path) -> None:
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(path))
         s.settimeout(30)
-        # The guest may print "echo ready" before we connect; output without a client
-        # is dropped (like QEMU's server,nowait). Input after connecting is echoed.
-        time.sleep(0.3)
-        s.sendall(b"sock\n")
+        # Output from before we connected is kept for us (bounded backlog).
         got = b""
+        while b"echo ready\n" not in got:
+            chunk = s.recv(100)
+            assert chunk
+            got += chunk
+        s.sendall(b"sock\n")
         while not got.endswith(b"SOCK\n"):
             chunk = s.recv(100)
             assert chunk

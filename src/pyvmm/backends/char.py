@@ -1,9 +1,11 @@
 """The host end of a serial port: stdio, a file, a Unix socket, or nothing.
 
-Output is written as the guest sends it. Input (stdin, or a socket client) is read
-on the event loop and fed to the UART only as far as its 16-byte FIFO has room; the
-source is paused while the FIFO is full and resumed when the guest drains it, so a
-fast host cannot overrun the guest and no input is lost.
+Output is written as the guest sends it; on a socket with no client yet, the last
+64 KiB are kept and sent to the first client that connects. Input (stdin, or a socket
+client) is read on the event loop and fed to the device (UART FIFO, virtio-console
+buffers) only as far as it has room; the source is paused while it is full and
+resumed when the guest drains it, so a fast host cannot overrun the guest and no input
+is lost.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Protocol
 from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
 from pyvmm.machine.config import SerialConfig
+
+BACKLOG_MAX = 64 * 1024
 
 
 class InputSink(Protocol):
@@ -39,6 +43,8 @@ class SerialIo:
         self._paused = False
         self._lock = threading.Lock()
         self._pending = b""  # input read but not yet accepted by the FIFO
+        # Output written before a socket client connects, kept (bounded) for it.
+        self._backlog = bytearray()
         if cfg.kind == "stdio":
             self._out_fd = 1
             if _pollable(0):
@@ -83,6 +89,9 @@ class SerialIo:
             # A slow or gone client loses output rather than stalling the guest.
             with contextlib.suppress(OSError):
                 self._client.send(data)
+        elif self._listen is not None:
+            self._backlog += data
+            del self._backlog[:-BACKLOG_MAX]
 
     def flush(self) -> None:
         pass  # writes are unbuffered
@@ -104,6 +113,10 @@ class SerialIo:
             return
         conn.setblocking(False)
         self._client = conn
+        if self._backlog:
+            with contextlib.suppress(OSError):
+                conn.send(bytes(self._backlog))
+            self._backlog.clear()
         self.events.add(conn.fileno(), self._on_input)
 
     def _on_input(self, fd: int, ev: int) -> None:

@@ -135,6 +135,7 @@ class MachineConfig:
     irqchip: str = "kernel"  # "kernel": KVM's PIC/IOAPIC/PIT; "split": Python's
     disks: list[DiskConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
+    console: SerialConfig | None = None  # virtio-console host end
     rng: bool = False
 
     def validate(self) -> None:
@@ -158,6 +159,8 @@ class MachineConfig:
             raise ConfigError("kernel command line is longer than 4095 bytes")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("timeout must be positive")
+        if self.console is not None and self.console.kind == "stdio" == self.serial.kind:
+            raise ConfigError("serial and console cannot both use stdio")
         if sum(d.transport == "mmio" for d in self.disks) > VIRTIO_MMIO_SLOTS:
             raise ConfigError(f"at most {VIRTIO_MMIO_SLOTS} virtio-mmio devices")
         for d in self.disks:
@@ -219,6 +222,8 @@ class MachineConfig:
             if not isinstance(raw["nets"], list):
                 raise ConfigError(f"{source}: nets must be a list")
             cfg.nets = [NetConfig.parse(n) for n in raw["nets"]]
+        if raw.get("console") is not None:
+            cfg.console = SerialConfig.parse(str(raw["console"]))
         if "rng" in raw:
             cfg.rng = bool(raw["rng"])
         if "pci_testdev" in raw:

@@ -35,6 +35,7 @@ from pyvmm.devices.legacy.uart import Serial
 from pyvmm.devices.pci.testdev import PciTestDev
 from pyvmm.devices.testdev import TestDev
 from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.rng import VirtioRng
@@ -181,6 +182,13 @@ class Machine:
             mac = bytes.fromhex(n.mac.replace(":", "")) if n.mac else bytes(
                 (0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + i))
             pci.append(VirtioNet(tap, mac, self.events))
+        self.console_io: SerialIo | None = None
+        if self.cfg.console is not None:
+            self.console_io = SerialIo(self.cfg.console, self.events)
+            console = VirtioConsole(self.console_io.write)
+            console.on_rx_space = self.console_io.resume_input
+            self.console_io.attach(console)
+            pci.append(console)
         if self.cfg.rng:
             pci.append(VirtioRng())
         return [VirtioPciDevice(dev, self.mem, self.irqchip, defer=self.events.call_soon,
@@ -449,6 +457,8 @@ class Machine:
             tap.close()
         if hasattr(self, "serial_io"):
             self.serial_io.close()
+        if getattr(self, "console_io", None) is not None:
+            self.console_io.close()  # type: ignore[union-attr]
         self.vm.close()
         self.mem.close()
         self.events.close()

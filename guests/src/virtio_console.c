@@ -1,0 +1,59 @@
+/* virtio-console: say "console ready" on the first virtio-console PCI device, then echo
+ * what arrives upper-cased until a newline; exit code = bytes received & 0x3f. */
+#include "virtio.h"
+
+#define NRX 8
+static u8 rxb[NRX][64];
+static u8 txb[128];
+
+static void post(struct vq *q, u16 i)
+{
+    q->desc[i] = (struct vring_desc){ (u64)rxb[i], 64, 2, 0 };
+    q->avail->ring[q->avail_idx % q->size] = i;
+    q->avail_idx++;
+    __asm__ volatile("" ::: "memory");
+    q->avail->idx = q->avail_idx;
+}
+
+static void send(struct vq *tx, const void *p, u32 n)
+{
+    memcpy(txb, p, n);
+    struct vbuf b = { txb, n, 0 };
+    vq_submit(tx, &b, 1);
+    if (vq_wait(tx, 4000000000ul) < 0) fail("tx stuck");
+}
+
+int main(void)
+{
+    uart_init();
+    struct vdev v;
+    struct vq rx, tx;
+    u32 slot;
+    if (virtio_pci_find(0x1043, &slot) || virtio_pci_init(&v, slot)) fail("no virtio-console");
+    if (virtio_negotiate(&v, 0) || virtio_queue_setup(&v, &rx, 0, NRX, 0xffff) ||
+        virtio_queue_setup(&v, &tx, 1, 8, 0xffff))
+        fail("setup");
+    for (u16 i = 0; i < NRX; i++) post(&rx, i);
+    virtio_driver_ok(&v);
+    *(volatile u16 *)rx.notify = 0;
+    send(&tx, "console ready\n", 14);
+    u32 total = 0;
+    for (;;) {
+        i64 n = vq_wait(&rx, 8000000000ul);
+        if (n < 0) fail("no input");
+        u16 id = rx.used->ring[(u16)(rx.last_used - 1) % rx.size].id;
+        u8 *p = rxb[id];
+        int end = 0;
+        for (i64 i = 0; i < n; i++) {
+            if (p[i] >= 'a' && p[i] <= 'z') p[i] = (u8)(p[i] - 32);
+            if (p[i] == '\n') end = 1;
+        }
+        total += (u32)n;
+        send(&tx, p, (u32)n);
+        post(&rx, id);
+        *(volatile u16 *)rx.notify = 0;
+        if (end) break;
+    }
+    printf("virtio-console echoed %u bytes\n", total);
+    return (int)(total & 0x3f);
+}
