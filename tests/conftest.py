@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pyvmm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pyvmm", *args]
+
+
+@pytest.fixture
+def tap() -> Iterator[str]:
+    """A TAP device created for one test (no address, IPv6 off, MTU 9000), deleted after."""
+    if not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        pytest.skip("no /dev/net/tun or iproute2 on this machine")
+    name = f"pvt{os.getpid() % 100000}"
+    r = subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot create a TAP here: {r.stderr.decode().strip()}")
+    try:
+        subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], check=False,
+                       capture_output=True)
+        subprocess.run(["ip", "link", "set", name, "mtu", "9000", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)

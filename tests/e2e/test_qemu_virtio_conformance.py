@@ -36,3 +36,86 @@ def test_virtio_blk_guest_passes_against_qemu(guests: Path, tmp_path: Path) -> N
     assert "ok write/flush/read-back" in out and "read past the end -> IOERR" in out
     assert "id=qemu-disk" in out
     assert img.read_bytes()[8 * 512:16 * 512] == pattern(4)
+
+
+def qemu_cmd(guests: Path, guest: str, *extra: str) -> list[str]:
+    exe = shutil.which("qemu-system-x86_64")
+    assert exe
+    return [exe, "-accel", "kvm", "-cpu", "host,arch-capabilities=off", "-M", "q35", "-m",
+            "64", "-nodefaults", "-nographic", "-serial", "stdio", "-monitor", "none",
+            "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-kernel", str(guests / f"{guest}.elf"), *extra]
+
+
+def test_virtio_rng_guest_passes_against_qemu(guests: Path) -> None:
+    p = subprocess.run(qemu_cmd(guests, "virtio_rng", "-device",
+                                "virtio-rng-pci,disable-legacy=on"), capture_output=True,
+                       timeout=180)
+    assert p.returncode == 0 and b"virtio-rng ok" in p.stdout, p.stdout[-500:]
+
+
+def test_virtio_console_guest_passes_against_qemu(guests: Path, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    path = tmp_path / "qc.sock"
+    proc = subprocess.Popen(qemu_cmd(
+        guests, "virtio_console", "-chardev", f"socket,id=c0,path={path},server=on,wait=off",
+        "-device", "virtio-serial-pci,disable-legacy=on", "-device", "virtconsole,chardev=c0"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(path))
+        s.settimeout(60)
+        got = b""
+        while b"console ready\n" not in got:
+            chunk = s.recv(4096)
+            assert chunk
+            got += chunk
+        s.sendall(b"abc\n")
+        echo = b""
+        while not echo.endswith(b"\n"):
+            echo += s.recv(100)
+        s.close()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert echo == b"ABC\n" and proc.returncode == ((4 << 1) | 1)
+
+
+def test_virtio_net_guest_passes_against_qemu(guests: Path, tap: str) -> None:
+    import socket
+
+    from tests.kvm.test_virtio_net import ETH_P_EXP, csum
+
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_EXP))
+    sock.bind((tap, 0))
+    sock.settimeout(60)
+    proc = subprocess.Popen(qemu_cmd(
+        guests, "virtio_net", "-append", "seed=12",
+        "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+        "-device", "virtio-net-pci,netdev=n0,disable-legacy=on,mac=52:54:00:aa:bb:dd"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        frame = sock.recv(65536)
+        assert frame[14:].rstrip(b"\0") == b"pyvmm-tx 12"
+        payloads = [b"hello-guest", os.urandom(4000), b"pyvmm-end"]
+        for pl in payloads:
+            sock.send(frame[6:12] + bytes.fromhex("020000000001") + b"\x88\xb5" + pl)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-600:]
+    rx = [line for line in text.splitlines() if line.startswith("rx ")]
+    assert len(rx) == 3
+    for line, pl in zip(rx, payloads, strict=True):
+        assert f"len={14 + len(pl)} " in line and f"sum={csum(pl):x} " in line

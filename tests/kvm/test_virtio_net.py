@@ -6,34 +6,13 @@ so nothing leaves this machine. The test creates and deletes the TAP itself."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import pyvmm_cmd
 
 ETH_P_EXP = 0x88B5
-
-
-@pytest.fixture
-def tap() -> Iterator[str]:
-    if not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
-        pytest.skip("no /dev/net/tun or iproute2 on this machine")
-    name = f"pvt{os.getpid() % 100000}"
-    r = subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot create a TAP here: {r.stderr.decode().strip()}")
-    try:
-        subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{name}.disable_ipv6=1"], check=False,
-                       capture_output=True)
-        subprocess.run(["ip", "link", "set", name, "mtu", "9000", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "link", "del", name], check=False)
 
 
 def csum(payload: bytes) -> int:
