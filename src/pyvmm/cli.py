@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from typing import NoReturn
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtio-net on a TAP: tap=NAME|auto[,mac=52:54:00:..] (repeatable)")
     r.add_argument("--no-pci-testdev", action="store_true",
                    help="leave the PCI test device (00:01.0) out")
+    b = sub.add_parser("backend", help="serve a device to other VMMs (vhost-user)")
+    b.add_argument("kind", choices=["vhost-user-blk"], help="what to serve")
+    b.add_argument("--socket", action="append", required=True,
+                   help="Unix socket to listen on (repeat with --disk for more images)")
+    b.add_argument("--disk", action="append", required=True, help="raw image for each socket")
+    b.add_argument("--readonly", action="store_true", help="serve the images read-only")
     i = sub.add_parser("info", help="describe the machine")
     i.add_argument("--machine", action="store_true", help="print the machine map")
     i.add_argument("--no-pci-testdev", action="store_true", help="as for run")
@@ -97,12 +104,38 @@ def _info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _backend(a: argparse.Namespace) -> int:
+    from pyvmm.backends.block import RawBlockBackend
+    from pyvmm.devices.virtio.blk import VirtioBlk
+    from pyvmm.vhost_user.backend import VhostUserServer
+
+    if len(a.socket) != len(a.disk):
+        raise ConfigError("give one --disk for each --socket")
+    server = VhostUserServer()
+    backends = [RawBlockBackend(d, a.readonly) for d in a.disk]  # checks every image first
+    for i, (path, be) in enumerate(zip(a.socket, backends, strict=True)):
+        try:
+            server.listen(path, functools.partial(VirtioBlk, be, serial=f"pyvmm-vu{i}"))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
+    print(f"pyvmm: vhost-user-blk serving {len(backends)} image(s)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="pyvmm: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "info":
             return _info(args)
+        if args.command == "backend":
+            return _backend(args)
         cfg = _config_from_args(args)
         cfg.validate()
         from pyvmm.machine.vm import run_machine

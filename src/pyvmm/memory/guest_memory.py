@@ -27,13 +27,14 @@ class GuestRegion:
     fd: int
     map: mmap.mmap
     name: str = "ram"
+    map_offset: int = 0  # where the region starts inside ``map`` (vhost-user mmap_offset)
     host_addr: int = field(init=False)
 
     def __post_init__(self) -> None:
         # The address KVM_SET_USER_MEMORY_REGION needs. from_buffer keeps an export
         # on the mmap for the region's lifetime, which is what we want.
         self._anchor = ctypes.c_char.from_buffer(self.map)
-        self.host_addr = ctypes.addressof(self._anchor)
+        self.host_addr = ctypes.addressof(self._anchor) + self.map_offset
 
     @property
     def end(self) -> int:
@@ -68,6 +69,27 @@ class GuestMemory:
         self._starts.insert(i, guest_addr)
         return region
 
+    def add_mapped(self, guest_addr: int, size: int, fd: int, file_offset: int,
+                   name: str = "shared") -> GuestRegion:
+        """Map another process's guest RAM from its fd (vhost-user SET_MEM_TABLE,
+        vfio-user DMA_MAP). ``fd`` is taken over; ``file_offset`` need not be aligned."""
+        for r in self._regions:
+            if guest_addr < r.end and r.guest_addr < guest_addr + size:
+                os.close(fd)
+                raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} overlaps {r.name}")
+        start = file_offset & ~(mmap.PAGESIZE - 1)
+        try:
+            m = mmap.mmap(fd, file_offset - start + size, mmap.MAP_SHARED,
+                          mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError) as e:
+            os.close(fd)
+            raise GuestMemoryError(f"cannot map region {guest_addr:#x}+{size:#x}: {e}") from None
+        region = GuestRegion(guest_addr, size, fd, m, name, map_offset=file_offset - start)
+        i = bisect.bisect(self._starts, guest_addr)
+        self._regions.insert(i, region)
+        self._starts.insert(i, guest_addr)
+        return region
+
     def regions(self) -> Iterator[GuestRegion]:
         return iter(self._regions)
 
@@ -92,7 +114,7 @@ class GuestMemory:
             r = self._regions[i]
             off = addr - r.guest_addr
             if off + n <= r.size:
-                return r, off
+                return r, off + r.map_offset
         raise GuestMemoryError(f"guest range {addr:#x}+{n:#x} is not in guest RAM")
 
     def contains(self, addr: int, n: int = 1) -> bool:
