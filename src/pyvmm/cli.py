@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
 import sys
 from typing import NoReturn
 
@@ -119,9 +120,11 @@ def _backend(a: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
     print(f"pyvmm: vhost-user-blk serving {len(backends)} image(s)", file=sys.stderr, flush=True)
+    # SIGTERM is a clean stop too: sockets removed, sessions closed, images flushed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         server.close()
