@@ -41,13 +41,22 @@ def _apt_download(names: list[str], into: Path) -> None:
     os.chmod(into, 0o777)  # apt drops to the _apt user for downloads
     missing = [n for n in names if not list(into.glob(f"{n}_*.deb"))]
     if missing:
-        subprocess.run(["apt-get", "download", "-qq", *missing], cwd=into, check=True,
-                       capture_output=True)
+        r = subprocess.run(["apt-get", "download", "-qq", *missing], cwd=into,
+                           capture_output=True)
+        if r.returncode != 0:  # stale or missing package lists: refresh once, retry
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+            subprocess.run(["apt-get", "download", "-qq", *missing], cwd=into, check=True,
+                           capture_output=True)
 
 
 def _kernel_package() -> str:
-    out = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
-                         text=True, check=True).stdout
+    r = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
+                       text=True)
+    if r.returncode != 0 or "linux-image-6" not in r.stdout:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        r = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
+                           text=True, check=True)
+    out = r.stdout
     for line in out.splitlines():
         word = line.split()[-1]
         if line.strip().startswith("Depends:") and word.startswith("linux-image-6"):

@@ -90,6 +90,19 @@ class GuestMemory:
         self._starts.insert(i, guest_addr)
         return region
 
+    def remove_region(self, guest_addr: int) -> GuestRegion:
+        """Unmap the region starting at ``guest_addr`` (vfio-user DMA_UNMAP)."""
+        for i, r in enumerate(self._regions):
+            if r.guest_addr == guest_addr:
+                del self._regions[i]
+                del self._starts[i]
+                del r._anchor
+                with contextlib.suppress(BufferError):
+                    r.map.close()
+                os.close(r.fd)
+                return r
+        raise GuestMemoryError(f"no region starts at {guest_addr:#x}")
+
     def regions(self) -> Iterator[GuestRegion]:
         return iter(self._regions)
 

@@ -11,6 +11,7 @@ outside the LAPIC window is dropped by the irqchip.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from pyvmm.devices.pci.config_space import PCIConfigSpace
 from pyvmm.irq.chip import MsiMessage, MsiSink
@@ -34,6 +35,9 @@ class MsixCapability:
         self.pba = bytearray(((vectors + 63) // 64) * 8)
         self.bad_accesses = 0
         self.errors = OnceLog()
+        # Set when the device is exported (vfio-user): the client emulates the table and
+        # hands us one eventfd per vector, so a trigger goes straight to it.
+        self.direct: Callable[[int], bool] | None = None
         body = struct.pack("<HII", vectors - 1, table_offset | bar, self.pba_offset | bar)
         wmask = struct.pack("<HII", P.PCI_MSIX_FLAGS_ENABLE | P.PCI_MSIX_FLAGS_MASKALL, 0, 0)
         self.off = config.add_capability(P.PCI_CAP_ID_MSIX, body, wmask, self._on_cfg_write)
@@ -71,6 +75,8 @@ class MsixCapability:
         return MsiMessage(lo | (hi << 32), data)
 
     def trigger(self, n: int) -> bool:
+        if self.direct is not None:
+            return self.direct(n)
         if not self.enabled or not 0 <= n < self.vectors:
             return False
         if self.masked(n):

@@ -79,7 +79,7 @@ class PciTestDev(PCIDevice):
 
     # --- interrupts --------------------------------------------------------------------
     def _interrupt(self) -> None:
-        if self.msix.enabled:
+        if self.msix.enabled or self.msix.direct is not None:
             self.interrupts["msix"] += 1
             self.msix.trigger(0)
         elif self.msi.enabled:

@@ -98,7 +98,7 @@ class VirtioPciDevice(PCIDevice):
     # --- VirtioInterrupt -----------------------------------------------------------------
     def signal_queue(self, vq: Virtqueue) -> None:
         self.interrupts += 1
-        if self.msix.enabled:
+        if self.msix.enabled or self.msix.direct is not None:
             if vq.msix_vector != V.VIRTIO_MSI_NO_VECTOR:
                 self.msix.trigger(vq.msix_vector)
             return
@@ -107,7 +107,7 @@ class VirtioPciDevice(PCIDevice):
 
     def signal_config(self) -> None:
         self.interrupts += 1
-        if self.msix.enabled:
+        if self.msix.enabled or self.msix.direct is not None:
             if self.msix_config != V.VIRTIO_MSI_NO_VECTOR:
                 self.msix.trigger(self.msix_config)
             return

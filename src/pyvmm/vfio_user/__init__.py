@@ -1,0 +1,1 @@
+"""vfio-user: export any pyvmm PCIDevice from its own process to another VMM."""

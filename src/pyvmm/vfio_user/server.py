@@ -1,0 +1,311 @@
+"""Export a ``PCIDevice`` over vfio-user: the device lives in this process, the VMM
+(QEMU's ``vfio-user-pci``) keeps the guest.
+
+- Config space (region 7) and every BAR (regions 0-5) are trapped: REGION_READ/WRITE
+  call the device's ``config_read/config_write`` and ``read_bar/write_bar`` by BAR index.
+  BAR placement is the client's business (it emulates the BAR registers), so BAR moves
+  the device reports are ignored here.
+- DMA_MAP with an fd maps that part of guest RAM into the device's ``GuestMemory`` at
+  its IOVA (= guest-physical address); maps without an fd (ROM, BIOS) are recorded but
+  not accessible, and DMA there fails as any out-of-RAM address does. DMA_UNMAP removes.
+- DEVICE_SET_IRQS hands eventfds for INTx, MSI or MSI-X; the device's interrupts are
+  routed to them (MSI-X table emulation stays with the client).
+- DEVICE_RESET resets the device.
+
+Malformed requests (short payloads, unknown regions or IRQ indices, out-of-range
+accesses, wrong fd counts, overlapping maps) get an error reply with an errno; the
+session goes on. Only an unparsable stream (bad header, oversize) closes it.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import socket
+from collections.abc import Callable
+
+from pyvmm.devices.pci.device import PCIDevice
+from pyvmm.errors import GuestMemoryError
+from pyvmm.event import EventManager
+from pyvmm.memory import GuestMemory
+from pyvmm.ratelimit_log import OnceLog
+from pyvmm.vfio_user import protocol as P
+
+Factory = Callable[[GuestMemory], PCIDevice]
+
+
+class EventfdLine:
+    """INTx over an eventfd: a rising level signals it."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.level = False
+
+    def set_level(self, level: bool) -> None:
+        if level and not self.level and self.fd is not None:
+            os.eventfd_write(self.fd, 1)
+        self.level = level
+
+    def pulse(self) -> None:
+        if self.fd is not None:
+            os.eventfd_write(self.fd, 1)
+
+
+class Session:
+    def __init__(self, conn: socket.socket, factory: Factory, events: EventManager,
+                 on_close: Callable[[Session], None]) -> None:
+        self.conn, self.events, self.on_close = conn, events, on_close
+        self.mem = GuestMemory()
+        self.device = factory(self.mem)
+        self.intx = EventfdLine()
+        self.device.intx = self.intx
+        self.irq_fds: dict[int, list[int | None]] = {}
+        self.dma_maps: dict[int, tuple[int, bool]] = {}  # iova -> (size, has memory)
+        self.errors = OnceLog()
+        self.counts: dict[str, int] = {}
+        self.closed = False
+        msix = getattr(self.device, "msix", None)
+        if msix is not None:
+            msix.direct = self._msix_trigger
+        events.add(conn.fileno(), self._readable)
+
+    # --- transport ------------------------------------------------------------------
+    def _readable(self, fd: int, ev: int) -> None:
+        try:
+            hdr, anc = self._recv_exact(P.HEADER.size, with_fds=True)
+            msg_id, cmd, size, flags, _err = P.HEADER.unpack(hdr)
+            if size < P.HEADER.size or size > P.MAX_MESSAGE:
+                raise ConnectionError(f"message size {size}")
+            payload, _ = self._recv_exact(size - P.HEADER.size)
+        except (ConnectionError, OSError) as e:
+            if not isinstance(e, EOFError):
+                self.errors.warn("stream", f"vfio-user: {e}; closing the session")
+            self.close()
+            return
+        fds = anc
+        name = P.Command(cmd).name if cmd in P.Command._value2member_map_ else str(cmd)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        try:
+            out = self._handle(cmd, payload, fds)
+            taken = True
+        except P.VfioUserError as e:
+            self.errors.warn(f"req:{name}:{e.errno}", f"vfio-user {name}: {e}")
+            for f in fds:
+                os.close(f)
+            if not flags & P.FLAG_NO_REPLY:
+                self.conn.sendall(P.error_reply(msg_id, cmd, e.errno))
+            return
+        if taken and not flags & P.FLAG_NO_REPLY:
+            self.conn.sendall(P.reply(msg_id, cmd, out))
+
+    def _recv_exact(self, n: int, with_fds: bool = False) -> tuple[bytes, list[int]]:
+        fds = array.array("i")
+        buf = b""
+        while len(buf) < n:
+            if with_fds and not buf:
+                data, anc, _, _ = self.conn.recvmsg(n, socket.CMSG_LEN(16 * 4))
+                for level, typ, raw in anc:
+                    if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                        fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
+            else:
+                data = self.conn.recv(n - len(buf))
+            if not data:
+                for f in fds:
+                    os.close(f)
+                raise EOFError("client closed")
+            buf += data
+        return buf, list(fds)
+
+    # --- requests -------------------------------------------------------------------
+    def _handle(self, cmd: int, p: bytes, fds: list[int]) -> bytes:
+        C = P.Command
+        if cmd == C.VERSION:
+            if len(p) < 4:
+                raise P.VfioUserError(errno.EINVAL, "short VERSION")
+            caps = {"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20,
+                                     "pgsizes": 4096, "max_dma_maps": 65535}}
+            return bytes(4) + json.dumps(caps).encode() + b"\0"
+        if cmd == C.DMA_MAP:
+            return self._dma_map(p, fds)
+        if cmd == C.DMA_UNMAP:
+            return self._dma_unmap(p)
+        if cmd == C.DEVICE_GET_INFO:
+            return P.DEVICE_INFO.pack(P.DEVICE_INFO.size,
+                                      P.VFIO_DEVICE_FLAGS_PCI | P.VFIO_DEVICE_FLAGS_RESET,
+                                      P.VFIO_PCI_NUM_REGIONS, P.VFIO_PCI_NUM_IRQS)
+        if cmd == C.DEVICE_GET_REGION_INFO:
+            if len(p) < P.REGION_INFO.size:
+                raise P.VfioUserError(errno.EINVAL, "short REGION_INFO")
+            index = P.REGION_INFO.unpack_from(p)[2]
+            size = self._region_size(index)
+            flags = (P.VFIO_REGION_INFO_FLAG_READ | P.VFIO_REGION_INFO_FLAG_WRITE) if size else 0
+            return P.REGION_INFO.pack(P.REGION_INFO.size, flags, index, 0, size, 0)
+        if cmd == C.DEVICE_GET_IRQ_INFO:
+            if len(p) < P.IRQ_INFO.size:
+                raise P.VfioUserError(errno.EINVAL, "short IRQ_INFO")
+            index = P.IRQ_INFO.unpack_from(p)[2]
+            count = self._irq_count(index)
+            flags = P.VFIO_IRQ_INFO_EVENTFD | (P.VFIO_IRQ_INFO_MASKABLE if index == 0 else 0) | (
+                P.VFIO_IRQ_INFO_NORESIZE if index == P.VFIO_PCI_MSIX_IRQ_INDEX else 0)
+            return P.IRQ_INFO.pack(P.IRQ_INFO.size, flags, index, count)
+        if cmd == C.DEVICE_SET_IRQS:
+            return self._set_irqs(p, fds)
+        if cmd in (C.REGION_READ, C.REGION_WRITE):
+            return self._region_access(cmd, p)
+        if cmd == C.DEVICE_RESET:
+            self.device.reset()
+            return b""
+        raise P.VfioUserError(errno.ENOSYS, f"command {cmd} not supported")
+
+    def _region_size(self, index: int) -> int:
+        if index == P.VFIO_PCI_CONFIG_REGION_INDEX:
+            return self.device.config.size
+        if 0 <= index < 6:
+            bar = self.device.config.bars[index]
+            return bar.size if bar is not None else 0
+        if index < P.VFIO_PCI_NUM_REGIONS:
+            return 0  # ROM, VGA: none
+        raise P.VfioUserError(errno.EINVAL, f"no region {index}")
+
+    def _irq_count(self, index: int) -> int:
+        if index == P.VFIO_PCI_INTX_IRQ_INDEX:
+            return 1 if self.device.config.data[0x3D] else 0
+        if index == P.VFIO_PCI_MSI_IRQ_INDEX:
+            return getattr(getattr(self.device, "msi", None), "vectors", 0)
+        if index == P.VFIO_PCI_MSIX_IRQ_INDEX:
+            return getattr(getattr(self.device, "msix", None), "vectors", 0)
+        if index < P.VFIO_PCI_NUM_IRQS:
+            return 0
+        raise P.VfioUserError(errno.EINVAL, f"no IRQ index {index}")
+
+    def _region_access(self, cmd: int, p: bytes) -> bytes:
+        if len(p) < P.REGION_ACCESS.size:
+            raise P.VfioUserError(errno.EINVAL, "short region access")
+        offset, region, count = P.REGION_ACCESS.unpack_from(p)
+        size = self._region_size(region)
+        if count == 0 or count > 8 or offset + count > size:
+            raise P.VfioUserError(errno.EINVAL, f"access {offset:#x}+{count} outside region "
+                                  f"{region} of {size:#x} bytes")
+        dev = self.device
+        if cmd == P.Command.REGION_WRITE:
+            data = p[P.REGION_ACCESS.size:]
+            if len(data) != count:
+                raise P.VfioUserError(errno.EINVAL, "write data length differs from count")
+            value = int.from_bytes(data, "little")
+            if region == P.VFIO_PCI_CONFIG_REGION_INDEX:
+                dev.config_write(offset, count, value)  # BAR moves are the client's affair
+            else:
+                dev.write_bar(region, offset, count, value)
+            return P.REGION_ACCESS.pack(offset, region, count)
+        if region == P.VFIO_PCI_CONFIG_REGION_INDEX:
+            value = dev.config_read(offset, count) if count in (1, 2, 4) else int.from_bytes(
+                bytes(dev.config.data[offset:offset + count]), "little")
+        else:
+            value = dev.read_bar(region, offset, count)
+        out: bytes = int(value & ((1 << (8 * count)) - 1)).to_bytes(count, "little")
+        return P.REGION_ACCESS.pack(offset, region, count) + out
+
+    def _dma_map(self, p: bytes, fds: list[int]) -> bytes:
+        if len(p) < P.DMA_MAP.size:
+            raise P.VfioUserError(errno.EINVAL, "short DMA_MAP")
+        _argsz, _flags, offset, iova, size = P.DMA_MAP.unpack_from(p)
+        if len(fds) > 1:
+            raise P.VfioUserError(errno.EINVAL, "DMA_MAP with more than one fd")
+        if iova in self.dma_maps:
+            raise P.VfioUserError(errno.EEXIST, f"DMA map at {iova:#x} exists")
+        if not fds:
+            self.dma_maps[iova] = (size, False)  # no fd: not accessible to us (ROM, BIOS)
+            return b""
+        try:
+            self.mem.add_mapped(iova, size, fds[0], offset)
+        except GuestMemoryError as e:
+            raise P.VfioUserError(errno.EINVAL, str(e)) from None
+        self.dma_maps[iova] = (size, True)
+        return b""
+
+    def _dma_unmap(self, p: bytes) -> bytes:
+        if len(p) < P.DMA_UNMAP.size:
+            raise P.VfioUserError(errno.EINVAL, "short DMA_UNMAP")
+        _argsz, _flags, iova, _size = P.DMA_UNMAP.unpack_from(p)
+        entry = self.dma_maps.pop(iova, None)
+        if entry is None:
+            raise P.VfioUserError(errno.ENOENT, f"no DMA map at {iova:#x}")
+        if entry[1]:
+            self.mem.remove_region(iova)
+        return b""
+
+    def _set_irqs(self, p: bytes, fds: list[int]) -> bytes:
+        if len(p) < P.IRQ_SET.size:
+            raise P.VfioUserError(errno.EINVAL, "short SET_IRQS")
+        _argsz, flags, index, start, count = P.IRQ_SET.unpack_from(p)
+        total = self._irq_count(index)
+        if start + count > total and not (count == 0 and start == 0):
+            raise P.VfioUserError(errno.EINVAL, f"IRQ {index} vectors {start}+{count} > {total}")
+        slots = self.irq_fds.setdefault(index, [None] * total)
+        if flags & P.VFIO_IRQ_SET_DATA_EVENTFD:
+            if len(fds) != count:
+                raise P.VfioUserError(errno.EINVAL, f"{count} vectors but {len(fds)} fds")
+            for i, fd in enumerate(fds):
+                old = slots[start + i]
+                if old is not None:
+                    os.close(old)
+                slots[start + i] = fd
+        elif flags & P.VFIO_IRQ_SET_DATA_NONE and count == 0:
+            for i, old in enumerate(slots):  # disable all of this index
+                if old is not None:
+                    os.close(old)
+                slots[i] = None
+        if index == P.VFIO_PCI_INTX_IRQ_INDEX:
+            self.intx.fd = slots[0] if slots else None
+        return b""
+
+    def _msix_trigger(self, n: int) -> bool:
+        fds = self.irq_fds.get(P.VFIO_PCI_MSIX_IRQ_INDEX) or []
+        if 0 <= n < len(fds) and fds[n] is not None:
+            os.eventfd_write(fds[n], 1)  # type: ignore[arg-type]
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.events.remove(self.conn.fileno())
+        for slots in self.irq_fds.values():
+            for fd in slots:
+                if fd is not None:
+                    os.close(fd)
+        self.mem.close()
+        self.conn.close()
+        self.on_close(self)
+
+
+class VfioUserServer:
+    def __init__(self, path: str, factory: Factory, events: EventManager | None = None) -> None:
+        self.events = events or EventManager()
+        self.factory = factory
+        self.path = path
+        self.sessions: list[Session] = []
+        if os.path.exists(path):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(2)
+        self.events.add(self.sock.fileno(), self._accept)
+
+    def _accept(self, fd: int, ev: int) -> None:
+        conn, _ = self.sock.accept()
+        self.sessions.append(Session(conn, self.factory, self.events, self.sessions.remove))
+
+    def serve_forever(self) -> None:
+        while True:
+            self.events.run_once(None)
+
+    def close(self) -> None:
+        for s in list(self.sessions):
+            s.close()
+        self.sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
