@@ -51,10 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-pci-testdev", action="store_true",
                    help="leave the PCI test device (00:01.0) out")
     b = sub.add_parser("backend", help="serve a device to other VMMs (vhost-user)")
-    b.add_argument("kind", choices=["vhost-user-blk"], help="what to serve")
+    b.add_argument("kind", choices=["vhost-user-blk", "vfio-user"], help="what to serve")
+    b.add_argument("--device", choices=["pci-testdev", "virtio-blk"], default="virtio-blk",
+                   help="vfio-user: the PCI function to export (default virtio-blk)")
     b.add_argument("--socket", action="append", required=True,
                    help="Unix socket to listen on (repeat with --disk for more images)")
-    b.add_argument("--disk", action="append", required=True, help="raw image for each socket")
+    b.add_argument("--disk", action="append", help="raw image for each socket")
     b.add_argument("--readonly", action="store_true", help="serve the images read-only")
     i = sub.add_parser("info", help="describe the machine")
     i.add_argument("--machine", action="store_true", help="print the machine map")
@@ -110,7 +112,9 @@ def _backend(a: argparse.Namespace) -> int:
     from pyvmm.devices.virtio.blk import VirtioBlk
     from pyvmm.vhost_user.backend import VhostUserServer
 
-    if len(a.socket) != len(a.disk):
+    if a.kind == "vfio-user":
+        return _vfio_user(a)
+    if not a.disk or len(a.socket) != len(a.disk):
         raise ConfigError("give one --disk for each --socket")
     server = VhostUserServer()
     backends = [RawBlockBackend(d, a.readonly) for d in a.disk]  # checks every image first
@@ -121,6 +125,47 @@ def _backend(a: argparse.Namespace) -> int:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
     print(f"pyvmm: vhost-user-blk serving {len(backends)} image(s)", file=sys.stderr, flush=True)
     # SIGTERM is a clean stop too: sockets removed, sessions closed, images flushed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def _vfio_user(a: argparse.Namespace) -> int:
+    from pyvmm.backends.block import RawBlockBackend
+    from pyvmm.devices.pci.device import PCIDevice
+    from pyvmm.devices.pci.testdev import PciTestDev
+    from pyvmm.devices.virtio.blk import VirtioBlk
+    from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
+    from pyvmm.irq.chip import RecordingMsiSink
+    from pyvmm.memory import GuestMemory
+    from pyvmm.vfio_user.server import VfioUserServer
+
+    if len(a.socket) != 1:
+        raise ConfigError("vfio-user serves one --socket")
+    backend = None
+    if a.device == "virtio-blk":
+        if not a.disk or len(a.disk) != 1:
+            raise ConfigError("vfio-user virtio-blk needs one --disk")
+        backend = RawBlockBackend(a.disk[0], a.readonly)
+
+    def make(mem: GuestMemory) -> PCIDevice:
+        # The MSI sink is unused: an exported function's MSI-X goes to the client's
+        # eventfds (MsixCapability.direct), set by the session.
+        if backend is None:
+            return PciTestDev(mem, RecordingMsiSink())
+        dev = VirtioPciDevice(VirtioBlk(backend, serial="pyvmm-vfu"), mem, RecordingMsiSink())
+        return dev
+
+    try:
+        server = VfioUserServer(a.socket[0], make)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {a.socket[0]}: {e.strerror}") from None
+    print(f"pyvmm: vfio-user exporting {a.device}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()

@@ -79,6 +79,7 @@ def test_discovery(server: VfioUserServer) -> None:
     _, body = c.call(P.Command.DEVICE_GET_IRQ_INFO, P.IRQ_INFO.pack(16, 0, 2, 0))
     assert P.IRQ_INFO.unpack(body)[3] == 2  # MSI-X vectors
     assert c.read(7, 0, 4) == 0x50501234
+    assert c.read(7, 0, 256) & 0xFFFFFFFF == 0x50501234  # whole config space at once
     assert c.read(0, 0, 4) == 0x5050ED01  # BAR0 ID register, trapped
 
 
@@ -113,10 +114,11 @@ def test_dma_into_client_memory_with_msix_by_eventfd(server: VfioUserServer) -> 
 
 @pytest.mark.parametrize("cmd,payload,want", [
     (P.Command.DEVICE_GET_REGION_INFO, P.REGION_INFO.pack(32, 0, 42, 0, 0, 0), errno.EINVAL),
-    (P.Command.REGION_READ, P.REGION_ACCESS.pack(0xFFC, 7, 8), errno.EINVAL),
+    (P.Command.REGION_READ, P.REGION_ACCESS.pack(0xFC, 7, 8), errno.EINVAL),
+    (P.Command.REGION_READ, P.REGION_ACCESS.pack(0, 0, 3), errno.EINVAL),
     (P.Command.REGION_READ, P.REGION_ACCESS.pack(0, 0, 0), errno.EINVAL),
     (P.Command.REGION_WRITE, P.REGION_ACCESS.pack(0, 0, 4) + b"\0", errno.EINVAL),
-    (P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(20, P.VFIO_IRQ_SET_DATA_EVENTFD, 2, 0, 2),
+    (P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(20, P.VFIO_IRQ_SET_DATA_EVENTFD, 7, 0, 2),
      errno.EINVAL),
     (P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(20, 1, 2, 5, 9), errno.EINVAL),
     (P.Command.DMA_UNMAP, P.DMA_UNMAP.pack(24, 0, 0x123000, 4096), errno.ENOENT),
@@ -138,3 +140,13 @@ def test_garbage_stream_closes_only_that_session(server: VfioUserServer) -> None
     bad.sock.settimeout(1)
     assert bad.sock.recv(1) == b""
     assert good.read(7, 0, 2) == 0x1234
+
+
+def test_client_disconnect_mid_session_leaves_the_server_serving(server: VfioUserServer) -> None:
+    c1 = Client(server)
+    c1.read(7, 0, 2)
+    c1.sock.close()
+    c1.pump()
+    assert server.sessions == []
+    c2 = Client(server)
+    assert c2.read(7, 0, 2) == 0x1234

@@ -24,6 +24,7 @@ import errno
 import json
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 from pyvmm.devices.pci.device import PCIDevice
@@ -79,9 +80,11 @@ class Session:
             if size < P.HEADER.size or size > P.MAX_MESSAGE:
                 raise ConnectionError(f"message size {size}")
             payload, _ = self._recv_exact(size - P.HEADER.size)
+        except EOFError:
+            self.close()
+            return
         except (ConnectionError, OSError) as e:
-            if not isinstance(e, EOFError):
-                self.errors.warn("stream", f"vfio-user: {e}; closing the session")
+            self.errors.warn("stream", f"vfio-user: {e}; closing the session")
             self.close()
             return
         fds = anc
@@ -90,6 +93,10 @@ class Session:
         try:
             out = self._handle(cmd, payload, fds)
             taken = True
+        except (ValueError, struct.error, IndexError) as e:  # a device model bug: contain it
+            self.errors.warn(f"bug:{type(e).__name__}", f"vfio-user {name}: {e!r}; closing")
+            self.close()
+            return
         except P.VfioUserError as e:
             self.errors.warn(f"req:{name}:{e.errno}", f"vfio-user {name}: {e}")
             for f in fds:
@@ -185,7 +192,10 @@ class Session:
             raise P.VfioUserError(errno.EINVAL, "short region access")
         offset, region, count = P.REGION_ACCESS.unpack_from(p)
         size = self._region_size(region)
-        if count == 0 or count > 8 or offset + count > size:
+        is_cfg = region == P.VFIO_PCI_CONFIG_REGION_INDEX
+        # Config space may be read or written whole (QEMU reads all of it at start-up);
+        # BAR accesses are what a CPU does: 1, 2, 4 or 8 bytes.
+        if count == 0 or offset + count > size or (not is_cfg and count not in (1, 2, 4, 8)):
             raise P.VfioUserError(errno.EINVAL, f"access {offset:#x}+{count} outside region "
                                   f"{region} of {size:#x} bytes")
         dev = self.device
@@ -193,18 +203,21 @@ class Session:
             data = p[P.REGION_ACCESS.size:]
             if len(data) != count:
                 raise P.VfioUserError(errno.EINVAL, "write data length differs from count")
-            value = int.from_bytes(data, "little")
-            if region == P.VFIO_PCI_CONFIG_REGION_INDEX:
-                dev.config_write(offset, count, value)  # BAR moves are the client's affair
+            if is_cfg:  # in dword-or-smaller pieces; BAR moves are the client's affair
+                pos = 0
+                while pos < count:
+                    n = 4 if count - pos >= 4 and (offset + pos) % 4 == 0 else 1
+                    dev.config_write(offset + pos, n, int.from_bytes(data[pos:pos + n], "little"))
+                    pos += n
             else:
-                dev.write_bar(region, offset, count, value)
+                dev.write_bar(region, offset, count, int.from_bytes(data, "little"))
             return P.REGION_ACCESS.pack(offset, region, count)
-        if region == P.VFIO_PCI_CONFIG_REGION_INDEX:
-            value = dev.config_read(offset, count) if count in (1, 2, 4) else int.from_bytes(
-                bytes(dev.config.data[offset:offset + count]), "little")
+        if is_cfg:
+            out = bytes(dev.config.data[offset:offset + count]) if count not in (1, 2, 4) else (
+                dev.config_read(offset, count).to_bytes(count, "little"))
         else:
             value = dev.read_bar(region, offset, count)
-        out: bytes = int(value & ((1 << (8 * count)) - 1)).to_bytes(count, "little")
+            out = int(value & ((1 << (8 * count)) - 1)).to_bytes(count, "little")
         return P.REGION_ACCESS.pack(offset, region, count) + out
 
     def _dma_map(self, p: bytes, fds: list[int]) -> bytes:
@@ -245,13 +258,15 @@ class Session:
             raise P.VfioUserError(errno.EINVAL, f"IRQ {index} vectors {start}+{count} > {total}")
         slots = self.irq_fds.setdefault(index, [None] * total)
         if flags & P.VFIO_IRQ_SET_DATA_EVENTFD:
-            if len(fds) != count:
+            # Either one fd per vector, or none at all: QEMU enables MSI-X with no
+            # eventfds yet (the kernel API's fd -1), which unsets those vectors.
+            if fds and len(fds) != count:
                 raise P.VfioUserError(errno.EINVAL, f"{count} vectors but {len(fds)} fds")
-            for i, fd in enumerate(fds):
+            for i in range(count):
                 old = slots[start + i]
                 if old is not None:
                     os.close(old)
-                slots[start + i] = fd
+                slots[start + i] = fds[i] if fds else None
         elif flags & P.VFIO_IRQ_SET_DATA_NONE and count == 0:
             for i, old in enumerate(slots):  # disable all of this index
                 if old is not None:

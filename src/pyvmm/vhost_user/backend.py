@@ -133,7 +133,8 @@ class Session:
             self._handle(msg)
         except EOFError:
             self.close()
-        except (ProtocolError, VirtqueueError, GuestMemoryError, OSError) as e:
+        except (ProtocolError, VirtqueueError, GuestMemoryError, OSError, ValueError,
+                struct.error) as e:
             self.errors.warn("protocol", f"vhost-user: {e}; closing the session")
             self.close()
 

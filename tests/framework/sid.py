@@ -1,0 +1,64 @@
+"""QEMU 11 from Debian sid, for ``vfio-user-pci`` (bookworm's QEMU 7.2 lacks it).
+
+A minbase sid tree with qemu-system-x86 is debootstrapped into the e2e cache from the
+mirror the host's own apt sources name (read at run time; ~45 s cold, then cached).
+QEMU runs chrooted inside a private mount namespace (``unshare -m``): /proc, /dev and
+the test's work directory are bind-mounted there, and every mount vanishes with the
+namespace, so nothing needs unmounting afterwards. Running the sid binary through its
+own loader without a chroot does not work: it loads the host QEMU's modules.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.framework.kit import cache_dir
+
+
+def host_mirror() -> str:
+    """The Debian mirror URI from the host's apt configuration."""
+    for f in sorted(Path("/etc/apt").glob("sources.list.d/*.sources")):
+        for line in f.read_text().splitlines():
+            if line.startswith("URIs:") and "security" not in line:
+                return line.split()[1]
+    lst = Path("/etc/apt/sources.list")
+    if lst.exists():
+        for line in lst.read_text().splitlines():
+            m = re.match(r"deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+\S+", line)
+            if m and "security" not in m.group(1):
+                return m.group(1)
+    raise RuntimeError("no Debian mirror found in the host's apt sources")
+
+
+def sid_root() -> Path:
+    root = cache_dir() / "sid"
+    if (root / "usr/bin/qemu-system-x86_64").exists():
+        return root
+    if not shutil.which("debootstrap"):
+        raise RuntimeError("debootstrap is not installed")
+    tmp = cache_dir() / "sid.build"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dcache = cache_dir() / "debootstrap-cache"
+    dcache.mkdir(exist_ok=True)
+    subprocess.run(["debootstrap", "--variant=minbase", "--include=qemu-system-x86",
+                    f"--cache-dir={dcache}", "sid", str(tmp), host_mirror()],
+                   check=True, capture_output=True, timeout=900)
+    (tmp / "wd").mkdir(exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
+def qemu_in_sid(workdir: Path, args: list[str],
+                timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """Run sid's qemu-system-x86_64 with ``workdir`` visible as /wd."""
+    root = sid_root()
+    quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
+    script = (f"mount --bind '{workdir}' '{root}/wd' && mount -t proc proc '{root}/proc' && "
+              f"mount --rbind /dev '{root}/dev' && exec chroot '{root}' "
+              f"qemu-system-x86_64 {quoted}")
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, timeout=timeout)
