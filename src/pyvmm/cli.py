@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave the PCI test device (00:01.0) out")
     b = sub.add_parser("backend", help="serve a device to other VMMs (vhost-user)")
     b.add_argument("kind", choices=["vhost-user-blk", "vfio-user"], help="what to serve")
-    b.add_argument("--device", choices=["pci-testdev", "virtio-blk"], default="virtio-blk",
+    b.add_argument("--tap", help="vfio-user virtio-net: the TAP to attach")
+    b.add_argument("--device", choices=["pci-testdev", "virtio-blk", "virtio-net"],
+                   default="virtio-blk",
                    help="vfio-user: the PCI function to export (default virtio-blk)")
     b.add_argument("--socket", action="append", required=True,
                    help="Unix socket to listen on (repeat with --disk for more images)")
@@ -137,10 +139,13 @@ def _backend(a: argparse.Namespace) -> int:
 
 def _vfio_user(a: argparse.Namespace) -> int:
     from pyvmm.backends.block import RawBlockBackend
+    from pyvmm.backends.tap import Tap
     from pyvmm.devices.pci.device import PCIDevice
     from pyvmm.devices.pci.testdev import PciTestDev
     from pyvmm.devices.virtio.blk import VirtioBlk
+    from pyvmm.devices.virtio.net import VirtioNet
     from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
+    from pyvmm.event import EventManager
     from pyvmm.irq.chip import RecordingMsiSink
     from pyvmm.memory import GuestMemory
     from pyvmm.vfio_user.server import VfioUserServer
@@ -148,21 +153,30 @@ def _vfio_user(a: argparse.Namespace) -> int:
     if len(a.socket) != 1:
         raise ConfigError("vfio-user serves one --socket")
     backend = None
+    tap = None
     if a.device == "virtio-blk":
         if not a.disk or len(a.disk) != 1:
             raise ConfigError("vfio-user virtio-blk needs one --disk")
         backend = RawBlockBackend(a.disk[0], a.readonly)
+    if a.device == "virtio-net":
+        if not a.tap:
+            raise ConfigError("vfio-user virtio-net needs --tap NAME")
+        tap = Tap(a.tap)
+    events = EventManager()
 
     def make(mem: GuestMemory) -> PCIDevice:
         # The MSI sink is unused: an exported function's MSI-X goes to the client's
         # eventfds (MsixCapability.direct), set by the session.
-        if backend is None:
+        if a.device == "pci-testdev":
             return PciTestDev(mem, RecordingMsiSink())
-        dev = VirtioPciDevice(VirtioBlk(backend, serial="pyvmm-vfu"), mem, RecordingMsiSink())
-        return dev
+        if tap is not None:
+            net = VirtioNet(tap, bytes.fromhex("525400123470"), events)
+            return VirtioPciDevice(net, mem, RecordingMsiSink())
+        assert backend is not None
+        return VirtioPciDevice(VirtioBlk(backend, serial="pyvmm-vfu"), mem, RecordingMsiSink())
 
     try:
-        server = VfioUserServer(a.socket[0], make)
+        server = VfioUserServer(a.socket[0], make, events)
     except OSError as e:
         raise ConfigError(f"cannot listen on {a.socket[0]}: {e.strerror}") from None
     print(f"pyvmm: vfio-user exporting {a.device}", file=sys.stderr, flush=True)
