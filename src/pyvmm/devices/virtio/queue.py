@@ -11,6 +11,7 @@ violation raises :class:`VirtqueueError`; the core then sets DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,9 +20,13 @@ from pyvmm.errors import GuestMemoryError, PyvmmError
 from pyvmm.memory import GuestMemory
 from pyvmm.uapi import virtio as V
 
-_desc = struct.Struct("<QIHH")
-_u16 = struct.Struct("<H")
-_used_elem = struct.Struct("<II")
+# Native formats ('@'): CPython packs and unpacks them with one memcpy per field, while
+# '<' formats go byte by byte. Ring memory is shared with a running guest, so a 16-bit
+# index read or written byte-wise can tear (seen: "available index moved by 130").
+# The indices themselves go through ctypes objects: single 16-bit loads and stores.
+_desc = struct.Struct("@QIHH")
+_u16 = struct.Struct("@H")
+_used_elem = struct.Struct("@II")
 
 
 class VirtqueueError(PyvmmError):
@@ -79,7 +84,10 @@ class DescriptorChain:
             seen += 1
             if seen > limit:
                 raise VirtqueueError("descriptor chain longer than its table (a loop?)")
-            addr, length, flags, nxt = _desc.unpack(q.read(table + 16 * index, 16))
+            if indirect:
+                addr, length, flags, nxt = _desc.unpack(q.read(table + 16 * index, 16))
+            else:  # the main table: a view validated at activation
+                addr, length, flags, nxt = _desc.unpack_from(q.desc_view, 16 * index)
             if flags & V.VRING_DESC_F_INDIRECT:
                 if indirect or not q.indirect_ok:
                     raise VirtqueueError("nested or unnegotiated indirect descriptor")
@@ -108,13 +116,22 @@ class Virtqueue:
         self.last_avail = 0
         self.used_idx = 0
         self.signalled_used: int | None = None  # used idx at the last interrupt
-        # The rings must lie in guest RAM as a whole; checked once here and again on
-        # every access (the guest may remove nothing, but a bug must not crash us).
+        # The table and rings must each lie within one RAM region. Checked once here;
+        # after that they are accessed through views of exactly their size, so every
+        # access stays bounds-checked (by the view) without a region lookup each time,
+        # which was most of the per-request cost (docs/benchmarks.md).
+        views = []
         for base, n, what in ((self.desc, 16 * self.size, "descriptor table"),
                               (self.avail, 6 + 2 * self.size, "available ring"),
                               (self.used, 6 + 8 * self.size, "used ring")):
-            if not mem.contains(base, n):
-                raise VirtqueueError(f"{what} at {base:#x} is outside guest memory")
+            try:
+                views.append(mem.view(base, n))
+            except GuestMemoryError:
+                raise VirtqueueError(f"{what} at {base:#x} is outside guest memory "
+                                     "(or spans two regions)") from None
+        self.desc_view, self.avail_view, self.used_view = views
+        self._avail_idx = ctypes.c_uint16.from_buffer(self.avail_view, 2)
+        self._used_idx = ctypes.c_uint16.from_buffer(self.used_view, 2)
 
     def read(self, addr: int, n: int) -> bytes:
         try:
@@ -122,14 +139,8 @@ class Virtqueue:
         except GuestMemoryError as e:
             raise VirtqueueError(str(e)) from None
 
-    def _u16(self, addr: int) -> int:
-        return int(_u16.unpack(self.read(addr, 2))[0])
-
-    def _put_u16(self, addr: int, v: int) -> None:
-        self.mem.write(addr, _u16.pack(v & 0xFFFF))
-
     def avail_idx(self) -> int:
-        return self._u16(self.avail + 2)
+        return int(self._avail_idx.value)
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None."""
@@ -140,18 +151,18 @@ class Virtqueue:
         if pending > self.size:
             raise VirtqueueError(f"available index moved by {pending} > queue size {self.size}")
         slot = self.last_avail % self.size
-        head = self._u16(self.avail + 4 + 2 * slot)
+        head = int(_u16.unpack_from(self.avail_view, 4 + 2 * slot)[0])
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if self.event_idx:
             # avail_event: ask to be notified when the driver adds past what we took.
-            self._put_u16(self.used + 4 + 8 * self.size, self.last_avail)
+            _u16.pack_into(self.used_view, 4 + 8 * self.size, self.last_avail)
         return DescriptorChain(self, head)
 
     def add_used(self, chain: DescriptorChain, written: int) -> None:
         slot = self.used_idx % self.size
-        self.mem.write(self.used + 4 + 8 * slot, _used_elem.pack(chain.head, written))
+        _used_elem.pack_into(self.used_view, 4 + 8 * slot, chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self._put_u16(self.used + 2, self.used_idx)  # x86 is TSO: ring entry lands first
+        self._used_idx.value = self.used_idx  # one 16-bit store; x86 TSO: entry lands first
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was added since the last one."""
@@ -159,8 +170,8 @@ class Virtqueue:
         old = self.signalled_used
         self.signalled_used = new
         if self.event_idx:
-            used_event = self._u16(self.avail + 4 + 2 * self.size)
+            used_event = int(_u16.unpack_from(self.avail_view, 4 + 2 * self.size)[0])
             if old is None:
                 return True
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not self._u16(self.avail) & V.VRING_AVAIL_F_NO_INTERRUPT
+        return not _u16.unpack_from(self.avail_view, 0)[0] & V.VRING_AVAIL_F_NO_INTERRUPT
