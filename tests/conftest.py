@@ -42,6 +42,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="qemu-system-x86_64 is not installed"))
 
 
+def wait_for_path(path: Path, timeout: float = 30) -> bool:
+    """Wait for a server to create its socket (or any file); True if it appeared."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return path.exists()
+
+
 def pyvmm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pyvmm", *args]
 

@@ -85,14 +85,11 @@ int virtio_negotiate(struct vdev *v, u64 want)
 static u8 ring_mem[8][3 * 4096] __attribute__((aligned(4096)));
 static int ring_next;
 
-int virtio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size, u16 msix)
+/* One page each for the descriptor table, available and used rings (both transports). */
+static int ring_alloc(struct vq *q, u16 size)
 {
-    w16(v->common + Q_SELECT, index);
-    u16 max = r16(v->common + Q_SIZE);
-    if (!max || ring_next >= 8)
+    if (ring_next >= 8)
         return -1;
-    if (size > max) size = max;
-    if (size > VQ_MAX) size = VQ_MAX;
     u8 *m = ring_mem[ring_next++];
     memset(m, 0, sizeof ring_mem[0]);
     q->size = size;
@@ -100,6 +97,17 @@ int virtio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size, u16 ms
     q->avail = (struct vring_avail *)(m + 4096);
     q->used = (struct vring_used *)(m + 8192);
     q->avail_idx = q->last_used = 0;
+    return 0;
+}
+
+int virtio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size, u16 msix)
+{
+    w16(v->common + Q_SELECT, index);
+    u16 max = r16(v->common + Q_SIZE);
+    if (size > max) size = max;
+    if (size > VQ_MAX) size = VQ_MAX;
+    if (!max || ring_alloc(q, size))
+        return -1;
     w16(v->common + Q_SIZE, size);
     w32(v->common + Q_DESC, (u32)(u64)q->desc);
     w32(v->common + Q_DESC + 4, 0);
@@ -219,17 +227,10 @@ int virtio_mmio_setup(u64 base, u64 want, struct vq *q, u16 size, u64 *features)
         return -1;
     w32(base + 0x30, 0);
     u32 max = r32(base + 0x34);
-    if (!max || ring_next >= 8)
-        return -1;
     if (size > max) size = (u16)max;
     if (size > VQ_MAX) size = VQ_MAX;
-    u8 *m = ring_mem[ring_next++];
-    memset(m, 0, sizeof ring_mem[0]);
-    q->size = size;
-    q->desc = (struct vring_desc *)m;
-    q->avail = (struct vring_avail *)(m + 4096);
-    q->used = (struct vring_used *)(m + 8192);
-    q->avail_idx = q->last_used = 0;
+    if (!max || ring_alloc(q, size))
+        return -1;
     q->index = 0;
     q->mmio = 1;
     q->notify = base + 0x50;

@@ -7,7 +7,7 @@ import functools
 import logging
 import signal
 import sys
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from pyvmm.errors import ConfigError, KvmError, KvmUnavailable, PvmProbeError, PyvmmError
 from pyvmm.machine.config import MachineConfig, SerialConfig, parse_int, parse_size
@@ -125,8 +125,18 @@ def _backend(a: argparse.Namespace) -> int:
             server.listen(path, functools.partial(VirtioBlk, be, serial=f"pyvmm-vu{i}"))
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
-    print(f"pyvmm: vhost-user-blk serving {len(backends)} image(s)", file=sys.stderr, flush=True)
-    # SIGTERM is a clean stop too: sockets removed, sessions closed, images flushed.
+    return _serve(server, f"vhost-user-blk serving {len(backends)} image(s)")
+
+
+class _Server(Protocol):
+    def serve_forever(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _serve(server: _Server, what: str) -> int:
+    print(f"pyvmm: {what}", file=sys.stderr, flush=True)
+    # SIGTERM is a clean stop too: sockets removed, sessions closed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
@@ -179,15 +189,7 @@ def _vfio_user(a: argparse.Namespace) -> int:
         server = VfioUserServer(a.socket[0], make, events)
     except OSError as e:
         raise ConfigError(f"cannot listen on {a.socket[0]}: {e.strerror}") from None
-    print(f"pyvmm: vfio-user exporting {a.device}", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        server.serve_forever()
-    except (KeyboardInterrupt, SystemExit):
-        pass
-    finally:
-        server.close()
-    return 0
+    return _serve(server, f"vfio-user exporting {a.device}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_for_path
 from tests.kvm.test_virtio import pattern, sector0_sum
 
 pytestmark = [pytest.mark.qemu, pytest.mark.kvm]
@@ -56,7 +57,6 @@ def test_virtio_rng_guest_passes_against_qemu(guests: Path) -> None:
 
 def test_virtio_console_guest_passes_against_qemu(guests: Path, tmp_path: Path) -> None:
     import socket
-    import time
 
     path = tmp_path / "qc.sock"
     proc = subprocess.Popen(qemu_cmd(
@@ -64,9 +64,7 @@ def test_virtio_console_guest_passes_against_qemu(guests: Path, tmp_path: Path) 
         "-device", "virtio-serial-pci,disable-legacy=on", "-device", "virtconsole,chardev=c0"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_for_path(path)
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(path))
         s.settimeout(60)

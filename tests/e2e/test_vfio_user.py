@@ -35,7 +35,7 @@ grep virtio0-req /proc/interrupts | sed 's/^/IRQ /'
 def test_linux_virtio_blk_over_vfio_user(tmp_path: Path) -> None:
     if not shutil.which("debootstrap") or not shutil.which("unshare"):
         pytest.skip("debootstrap or unshare is not installed")
-    from tests.framework.sid import qemu_in_sid
+    from tests.framework.sid import qemu_in_sid, vfio_user_linux_args
 
     k = kit.build()
     shutil.copy(k.vmlinux, tmp_path / "vmlinux")
@@ -49,14 +49,7 @@ def test_linux_virtio_blk_over_vfio_user(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        r = qemu_in_sid(tmp_path, [
-            "-accel", "tcg", "-M", "q35,memory-backend=mem", "-object",
-            "memory-backend-memfd,id=mem,size=256M,share=on", "-m", "256M", "-nodefaults",
-            "-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-kernel", "/wd/vmlinux", "-initrd", "/wd/initrd.cpio",
-            "-append", "console=ttyS0 panic=-1 quiet",
-            "-device", '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/wd/vfu.sock"}}'],
-            timeout=240)
+        r = qemu_in_sid(tmp_path, vfio_user_linux_args(), timeout=240)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -47,7 +47,7 @@ def test_linux_virtio_net_over_vfio_user_ping_and_tcp(tmp_path: Path) -> None:
     for tool in ("debootstrap", "unshare", "ip"):
         if not shutil.which(tool):
             pytest.skip(f"{tool} is not installed")
-    from tests.framework.sid import qemu_in_sid
+    from tests.framework.sid import qemu_in_sid, vfio_user_linux_args
 
     ns = f"pvmns{os.getpid() % 100000}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -71,14 +71,7 @@ def test_linux_virtio_net_over_vfio_user_ping_and_tcp(tmp_path: Path) -> None:
         k = kit.build()
         shutil.copy(k.vmlinux, tmp_path / "vmlinux")
         (tmp_path / "initrd.cpio").write_bytes(kit.initramfs(k, SCRIPT))
-        r = qemu_in_sid(tmp_path, [
-            "-accel", "tcg", "-M", "q35,memory-backend=mem", "-object",
-            "memory-backend-memfd,id=mem,size=256M,share=on", "-m", "256M", "-nodefaults",
-            "-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-            "-kernel", "/wd/vmlinux", "-initrd", "/wd/initrd.cpio",
-            "-append", "console=ttyS0 panic=-1 quiet",
-            "-device", '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/wd/vfu.sock"}}'],
-            timeout=240)
+        r = qemu_in_sid(tmp_path, vfio_user_linux_args(), timeout=240)
         out = r.stdout.decode(errors="replace")
         sink_out, _ = sink.communicate(timeout=60)
     finally:

@@ -14,7 +14,7 @@ import pytest
 
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.vm import Machine
-from tests.conftest import pyvmm_cmd
+from tests.conftest import pyvmm_cmd, wait_for_path
 
 GREETING = "Hello from a pyvmm tiny guest!\n"
 UART_INIT_WRITES = 7  # uart_init() in guests/runtime/rt.c
@@ -182,9 +182,7 @@ def test_serial_to_unix_socket(guests: Path, tmp_path: Path) -> None:
                                       "--serial", f"socket:{path}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_for_path(path)
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(path))
         s.settimeout(30)

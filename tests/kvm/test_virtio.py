@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pyvmm_cmd
+from tests.conftest import pyvmm_cmd, wait_for_path
 
 
 def run(guest: Path, *args: str, chip: str = "kernel") -> subprocess.CompletedProcess[str]:
@@ -121,7 +121,6 @@ def test_console_over_a_unix_socket(guests: Path, tmp_path: Path) -> None:
     """Host input larger than the guest's posted buffers (8 x 64 bytes) arrives whole and
     in order: the socket is paused while the driver has no buffers."""
     import socket
-    import time
 
     path = tmp_path / "con.sock"
     proc = subprocess.Popen(pyvmm_cmd("run", "-q", "--timeout", "60", "--kernel",
@@ -129,9 +128,7 @@ def test_console_over_a_unix_socket(guests: Path, tmp_path: Path) -> None:
                                       f"socket:{path}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not path.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_for_path(path)
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(path))
         s.settimeout(30)

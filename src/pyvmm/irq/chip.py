@@ -53,12 +53,29 @@ class IrqChip(MsiSink, Protocol):
     def line(self, gsi: int) -> InterruptLine: ...
 
 
-class KernelIrqChip:
+class MsiToKvm:
+    """MSI delivery shared by both irqchips: messages outside the LAPIC window are a
+    guest programming error, dropped and counted; the rest go to KVM_SIGNAL_MSI."""
+
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         self.errors = OnceLog()
         self.msis_sent = 0
         self.msis_dropped = 0
+
+    def send_msi(self, msg: MsiMessage) -> None:
+        if not msg.valid:
+            self.msis_dropped += 1
+            self.errors.warn("msi-address", f"MSI to {msg.address:#x} (data {msg.data:#x}) "
+                             "is outside the LAPIC window; dropped")
+            return
+        self.msis_sent += 1
+        self.vm.signal_msi(msg.address, msg.data)
+
+
+class KernelIrqChip(MsiToKvm):
+    def __init__(self, vm: Vm) -> None:
+        super().__init__(vm)
         self._lines: dict[int, KvmIrqLine] = {}
 
     def create(self) -> None:
@@ -69,15 +86,6 @@ class KernelIrqChip:
         if gsi not in self._lines:
             self._lines[gsi] = KvmIrqLine(self.vm, gsi)
         return self._lines[gsi]
-
-    def send_msi(self, msg: MsiMessage) -> None:
-        if not msg.valid:
-            self.msis_dropped += 1
-            self.errors.warn("msi-address", f"MSI to {msg.address:#x} (data {msg.data:#x}) "
-                             "is outside the LAPIC window; dropped")
-            return
-        self.msis_sent += 1
-        self.vm.signal_msi(msg.address, msg.data)
 
 
 class RecordingMsiSink:

@@ -22,10 +22,9 @@ import threading
 from pyvmm.bus import BusDevice
 from pyvmm.devices.legacy.ioapic import IoApic
 from pyvmm.devices.legacy.pic import PicPair
-from pyvmm.irq.chip import MsiMessage
+from pyvmm.irq.chip import MsiToKvm
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.kvm.vm import MsiRoute, Vm
-from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import kvm as K
 
 ISA_IRQ0_IOAPIC_PIN = 2
@@ -62,15 +61,13 @@ class Locked:
             self.device.write(base, offset, size, value)
 
 
-class SplitIrqChip:
+class SplitIrqChip(MsiToKvm):
     def __init__(self, vm: Vm) -> None:
-        self.vm = vm
+        super().__init__(vm)
         self.lock = threading.RLock()
         self.pic = PicPair(output=self._pic_output)
         self.ioapic = IoApic(self, on_routes_changed=self._routes_changed)
         self.vcpu: Vcpu | None = None
-        self.errors = OnceLog()
-        self.msis_sent = self.msis_dropped = 0
         self.injected = 0
         self.eois = 0
         self._lines: dict[int, SplitLine] = {}
@@ -91,15 +88,6 @@ class SplitIrqChip:
             if gsi < 16:
                 self.pic.set_irq(gsi, level)
             self.ioapic.set_irq(ISA_IRQ0_IOAPIC_PIN if gsi == 0 else gsi, level)
-
-    def send_msi(self, msg: MsiMessage) -> None:
-        if not msg.valid:
-            self.msis_dropped += 1
-            self.errors.warn("msi-address", f"MSI to {msg.address:#x} is outside the LAPIC "
-                             "window; dropped")
-            return
-        self.msis_sent += 1
-        self.vm.signal_msi(msg.address, msg.data)
 
     def _routes_changed(self) -> None:
         self.vm.set_gsi_routing([MsiRoute(pin, m.address, m.data)
