@@ -63,10 +63,18 @@ int virtio_pci_init(struct vdev *v, u32 slot)
     return v->common && v->notify_base ? 0 : -1;
 }
 
-u8 virtio_status(struct vdev *v) { return r8(v->common + STATUS); }
+static int mmio_negotiate(struct vdev *v, u64 want);
+static int mmio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size);
+
+u8 virtio_status(struct vdev *v)
+{
+    return v->mmio ? (u8)r32(v->mmio + 0x70) : r8(v->common + STATUS);
+}
 
 int virtio_negotiate(struct vdev *v, u64 want)
 {
+    if (v->mmio)
+        return mmio_negotiate(v, want);
     w8(v->common + STATUS, 0);
     w8(v->common + STATUS, 1 | 2);                 /* ACKNOWLEDGE | DRIVER */
     w32(v->common + DFSELECT, 0);
@@ -102,6 +110,8 @@ static int ring_alloc(struct vq *q, u16 size)
 
 int virtio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size, u16 msix)
 {
+    if (v->mmio)
+        return mmio_queue_setup(v, q, index, size);
     w16(v->common + Q_SELECT, index);
     u16 max = r16(v->common + Q_SIZE);
     if (size > max) size = max;
@@ -125,7 +135,10 @@ int virtio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size, u16 ms
 
 void virtio_driver_ok(struct vdev *v)
 {
-    w8(v->common + STATUS, 1 | 2 | 8 | 4);
+    if (v->mmio)
+        w32(v->mmio + 0x70, 1 | 2 | 8 | 4);
+    else
+        w8(v->common + STATUS, 1 | 2 | 8 | 4);
 }
 
 u16 vq_submit(struct vq *q, const struct vbuf *bufs, int n)
@@ -142,10 +155,7 @@ u16 vq_submit(struct vq *q, const struct vbuf *bufs, int n)
     q->avail_idx++;
     q->avail->idx = q->avail_idx;
     __asm__ volatile("mfence" ::: "memory");
-    if (q->mmio)
-        w32(q->notify, q->index);
-    else
-        w16(q->notify, q->index);
+    virtio_kick(q);
     return 0;
 }
 
@@ -241,4 +251,62 @@ int virtio_mmio_setup(u64 base, u64 want, struct vq *q, u16 size, u64 *features)
     w32(base + 0x44, 1);
     w32(base + 0x70, 1 | 2 | 8 | 4);
     return (int)id;
+}
+
+/* --- transport-neutral discovery and virtio-mmio bring-up ---------------------------- */
+int virtio_find(struct vdev *v, u32 device_id)
+{
+    memset(v, 0, sizeof *v);
+    if (arg_u64("mmio", 0)) {
+        u64 bases[8];
+        int n = acpi_virtio_mmio_slots(bases, 8);
+        for (int i = 0; i < n; i++) {
+            if (r32(bases[i]) == 0x74726976 && r32(bases[i] + 8) == device_id) {
+                v->mmio = bases[i];
+                v->device = bases[i] + 0x100;
+                return 0;
+            }
+        }
+        return -1;
+    }
+    u32 slot;
+    if (virtio_pci_find((u16)(0x1040 + device_id), &slot))
+        return -1;
+    return virtio_pci_init(v, slot);
+}
+
+static int mmio_negotiate(struct vdev *v, u64 want)
+{
+    u64 base = v->mmio;
+    w32(base + 0x70, 0);
+    w32(base + 0x70, 1 | 2);
+    w32(base + 0x14, 0);
+    u64 f = r32(base + 0x10);
+    w32(base + 0x14, 1);
+    f |= (u64)r32(base + 0x10) << 32;
+    v->features = f & (want | (1ul << VIRTIO_F_VERSION_1));
+    w32(base + 0x24, 0); w32(base + 0x20, (u32)v->features);
+    w32(base + 0x24, 1); w32(base + 0x20, (u32)(v->features >> 32));
+    w32(base + 0x70, 1 | 2 | 8);
+    return (r32(base + 0x70) & 8) ? 0 : -1;
+}
+
+static int mmio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size)
+{
+    u64 base = v->mmio;
+    w32(base + 0x30, index);
+    u32 max = r32(base + 0x34);
+    if (size > max) size = (u16)max;
+    if (size > VQ_MAX) size = VQ_MAX;
+    if (!max || ring_alloc(q, size))
+        return -1;
+    q->index = index;
+    q->mmio = 1;
+    q->notify = base + 0x50;
+    w32(base + 0x38, size);
+    w32(base + 0x80, (u32)(u64)q->desc);  w32(base + 0x84, 0);
+    w32(base + 0x90, (u32)(u64)q->avail); w32(base + 0x94, 0);
+    w32(base + 0xa0, (u32)(u64)q->used);  w32(base + 0xa4, 0);
+    w32(base + 0x44, 1);
+    return 0;
 }

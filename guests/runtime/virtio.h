@@ -28,9 +28,14 @@ struct vdev {
     u64 common, isr, device, notify_base;
     u32 notify_mult;
     u64 features;
+    u64 mmio;                       /* virtio-mmio base, or 0 for virtio-pci */
 };
 
 struct vbuf { void *addr; u32 len; int write; };
+
+/* Find a device by virtio device ID over the transport the command line names
+ * (mmio=1: ACPI-described virtio-mmio slots; else virtio-pci). */
+int virtio_find(struct vdev *v, u32 device_id);
 
 /* virtio-mmio: slots found through ACPI (RSDP -> XSDT -> FADT -> DSDT, "LNRO0005") */
 int acpi_virtio_mmio_slots(u64 *bases, int max);
@@ -45,6 +50,12 @@ void virtio_driver_ok(struct vdev *v);
 u8 virtio_status(struct vdev *v);
 /* Publish one chain and notify; returns its head. */
 u16 vq_submit(struct vq *q, const struct vbuf *bufs, int n);
+/* Notify the device about queue q (transport-specific doorbell). */
+static inline void virtio_kick(struct vq *q)
+{
+    if (q->mmio) *(volatile u32 *)q->notify = q->index;
+    else *(volatile u16 *)q->notify = q->index;
+}
 /* Spin until the next used element; returns its written length or -1 on timeout. */
 i64 vq_wait(struct vq *q, u64 spins);
 #endif

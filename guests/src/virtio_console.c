@@ -28,14 +28,13 @@ int main(void)
     uart_init();
     struct vdev v;
     struct vq rx, tx;
-    u32 slot;
-    if (virtio_pci_find(0x1043, &slot) || virtio_pci_init(&v, slot)) fail("no virtio-console");
+    if (virtio_find(&v, 3)) fail("no virtio-console");
     if (virtio_negotiate(&v, 0) || virtio_queue_setup(&v, &rx, 0, NRX, 0xffff) ||
         virtio_queue_setup(&v, &tx, 1, 8, 0xffff))
         fail("setup");
     for (u16 i = 0; i < NRX; i++) post(&rx, i);
     virtio_driver_ok(&v);
-    *(volatile u16 *)rx.notify = 0;
+    virtio_kick(&rx);
     send(&tx, "console ready\n", 14);
     u32 total = 0;
     for (;;) {
@@ -51,7 +50,7 @@ int main(void)
         total += (u32)n;
         send(&tx, p, (u32)n);
         post(&rx, id);
-        *(volatile u16 *)rx.notify = 0;
+        virtio_kick(&rx);
         if (end) break;
     }
     printf("virtio-console echoed %u bytes\n", total);

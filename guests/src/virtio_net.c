@@ -45,8 +45,7 @@ int main(void)
     uart_init();
     struct vdev v;
     struct vq rx, tx;
-    u32 slot;
-    if (virtio_pci_find(0x1041, &slot) || virtio_pci_init(&v, slot)) fail("no virtio-net");
+    if (virtio_find(&v, 1)) fail("no virtio-net");
     if (virtio_negotiate(&v, (1ul << VIRTIO_NET_F_MAC) | (1ul << VIRTIO_NET_F_MRG_RXBUF)))
         fail("FEATURES_OK refused");
     if (virtio_queue_setup(&v, &rx, 0, NRX, 0xffff) || virtio_queue_setup(&v, &tx, 1, 16, 0xffff))
@@ -58,7 +57,7 @@ int main(void)
     for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(v.device + i);
     printf("virtio-net mac=%02x:%02x:%02x:%02x:%02x:%02x features=%lx\n", mac[0], mac[1],
            mac[2], mac[3], mac[4], mac[5], v.features);
-    *(volatile u16 *)rx.notify = 0;
+    virtio_kick(&rx);
 
     /* transmit: vnet header (all zero: no offload) + Ethernet frame */
     memset(txbuf, 0, HDR);
@@ -87,7 +86,7 @@ int main(void)
             total += len;
             post_rx(&rx, (u16)id);
         }
-        *(volatile u16 *)rx.notify = 0;
+        virtio_kick(&rx);
         u32 sum = 0;
         for (u32 i = 14; i < total; i++) sum = sum * 31 + frame[i];
         char head[21];

@@ -8,8 +8,7 @@ int main(void)
     uart_init();
     struct vdev v;
     struct vq q;
-    u32 slot;
-    if (virtio_pci_find(0x1044, &slot) || virtio_pci_init(&v, slot))
+    if (virtio_find(&v, 4))
         fail("no virtio-rng");
     if (virtio_negotiate(&v, 0) || virtio_queue_setup(&v, &q, 0, 16, 0xffff))
         fail("setup");

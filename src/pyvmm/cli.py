@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", "-q", action="store_true", help="no exit table or notices")
     r.add_argument("--disk", action="append",
                    help="virtio-blk disk: path=IMG[,readonly=on][,transport=pci] (repeatable)")
-    r.add_argument("--rng", action="store_true", help="add a virtio-rng device")
+    r.add_argument("--rng", nargs="?", const="pci", choices=["pci", "mmio"],
+                   help="add a virtio-rng device (optionally =mmio)")
     r.add_argument("--console", help="virtio-console host end: stdio, file:PATH, socket:PATH")
+    r.add_argument("--console-transport", choices=["pci", "mmio"], help="default pci")
     r.add_argument("--net", action="append",
                    help="virtio-net on a TAP: tap=NAME|auto[,mac=52:54:00:..] (repeatable)")
     r.add_argument("--no-pci-testdev", action="store_true",
@@ -72,7 +74,8 @@ def _config_from_args(a: argparse.Namespace) -> MachineConfig:
         "load_addr": a.load_addr, "entry": a.entry, "exits_json": a.exits_json,
         "debug_exit_port": a.debug_exit_port, "debug_exit_size": a.debug_exit_size,
         "timeout": a.timeout, "irqchip": a.irqchip, "disks": a.disk,
-        "nets": a.net, "console": a.console,
+        "nets": a.net, "console": a.console, "console_transport": a.console_transport,
+        "rng": a.rng,
     }
     if a.config:
         cfg = MachineConfig.from_json(a.config, fields)
@@ -85,8 +88,7 @@ def _config_from_args(a: argparse.Namespace) -> MachineConfig:
         cfg.quiet = True
     if a.no_pci_testdev:
         cfg.pci_testdev = False
-    if a.rng:
-        cfg.rng = True
+
     return cfg
 
 

@@ -75,8 +75,10 @@ def test_blk_read_only_disk_refuses_the_guest_write(guests: Path, image: Path) -
     assert image.read_bytes() == before
 
 
-def test_rng_guest(guests: Path) -> None:
-    p = run(guests / "virtio_rng.elf", "-q", "--rng")
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_rng_guest(guests: Path, transport: str) -> None:
+    p = run(guests / "virtio_rng.elf", "-q", f"--rng={transport}", "--cmdline",
+            f"mmio={int(transport == 'mmio')}")
     assert p.returncode == 0 and "virtio-rng ok" in p.stdout, p.stdout
 
 
@@ -117,7 +119,8 @@ def test_qd32_random_reads_take_almost_no_exits(guests: Path, image: Path, tmp_p
     assert regs["reads"] + regs["writes"] < 60  # setup only, independent of n
 
 
-def test_console_over_a_unix_socket(guests: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_console_over_a_unix_socket(guests: Path, tmp_path: Path, transport: str) -> None:
     """Host input larger than the guest's posted buffers (8 x 64 bytes) arrives whole and
     in order: the socket is paused while the driver has no buffers."""
     import socket
@@ -125,7 +128,8 @@ def test_console_over_a_unix_socket(guests: Path, tmp_path: Path) -> None:
     path = tmp_path / "con.sock"
     proc = subprocess.Popen(pyvmm_cmd("run", "-q", "--timeout", "60", "--kernel",
                                       str(guests / "virtio_console.elf"), "--console",
-                                      f"socket:{path}"),
+                                      f"socket:{path}", "--console-transport", transport,
+                                      "--cmdline", f"mmio={int(transport == 'mmio')}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert wait_for_path(path)

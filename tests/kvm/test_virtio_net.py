@@ -10,6 +10,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import pyvmm_cmd
 
 ETH_P_EXP = 0x88B5
@@ -22,13 +24,15 @@ def csum(payload: bytes) -> int:
     return s
 
 
-def test_frames_both_ways_with_mergeable_rx(guests: Path, tap: str) -> None:
+@pytest.mark.parametrize("transport", ["pci", "mmio"])
+def test_frames_both_ways_with_mergeable_rx(guests: Path, tap: str, transport: str) -> None:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_EXP))
     sock.bind((tap, 0))
     sock.settimeout(30)
     proc = subprocess.Popen(pyvmm_cmd("run", "-q", "--timeout", "60", "--kernel",
                                       str(guests / "virtio_net.elf"), "--net",
-                                      f"tap={tap},mac=52:54:00:aa:bb:cc", "--cmdline", "seed=31"),
+                                      f"tap={tap},mac=52:54:00:aa:bb:cc,transport={transport}",
+                                      "--cmdline", f"seed=31 mmio={int(transport == 'mmio')}"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         frame = sock.recv(65536)  # guest -> TAP

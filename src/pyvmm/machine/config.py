@@ -50,13 +50,14 @@ SERIAL_KINDS = ("stdio", "file", "socket", "none")
 class NetConfig:
     tap: str = "auto"
     mac: str | None = None
+    transport: str = "pci"
 
     @classmethod
     def parse(cls, spec: str | dict[str, Any]) -> NetConfig:
         """'tap=NAME|auto[,mac=52:54:00:..]' or the same as a JSON object."""
         items = ({str(k): str(v) for k, v in spec.items()} if isinstance(spec, dict) else
                  dict(p.partition("=")[::2] for p in str(spec).split(",")))
-        unknown = set(items) - {"tap", "mac"}
+        unknown = set(items) - {"tap", "mac", "transport"}
         if unknown:
             raise ConfigError(f"net {spec!r}: unknown key {sorted(unknown)[0]!r}")
         mac = items.get("mac")
@@ -64,7 +65,10 @@ class NetConfig:
             raise ConfigError(f"net {spec!r}: mac must look like 52:54:00:12:34:56")
         if mac is not None and int(mac[:2], 16) & 1:
             raise ConfigError(f"net {spec!r}: mac {mac} is a multicast address")
-        return cls(items.get("tap") or "auto", mac)
+        transport = items.get("transport", "pci")
+        if transport not in ("pci", "mmio"):
+            raise ConfigError(f"net {spec!r}: transport must be pci or mmio")
+        return cls(items.get("tap") or "auto", mac, transport)
 
 
 @dataclass
@@ -136,7 +140,8 @@ class MachineConfig:
     disks: list[DiskConfig] = field(default_factory=list)
     nets: list[NetConfig] = field(default_factory=list)
     console: SerialConfig | None = None  # virtio-console host end
-    rng: bool = False
+    console_transport: str = "pci"
+    rng: str | None = None  # None, "pci" or "mmio"
 
     def validate(self) -> None:
         if self.memory < MIN_MEMORY:
@@ -161,7 +166,10 @@ class MachineConfig:
             raise ConfigError("timeout must be positive")
         if self.console is not None and self.console.kind == "stdio" == self.serial.kind:
             raise ConfigError("serial and console cannot both use stdio")
-        if sum(d.transport == "mmio" for d in self.disks) > VIRTIO_MMIO_SLOTS:
+        mmio = (sum(d.transport == "mmio" for d in self.disks)
+                + sum(n.transport == "mmio" for n in self.nets) + (self.rng == "mmio")
+                + (self.console is not None and self.console_transport == "mmio"))
+        if mmio > VIRTIO_MMIO_SLOTS:
             raise ConfigError(f"at most {VIRTIO_MMIO_SLOTS} virtio-mmio devices")
         for d in self.disks:
             if not Path(d.path).is_file():
@@ -224,8 +232,15 @@ class MachineConfig:
             cfg.nets = [NetConfig.parse(n) for n in raw["nets"]]
         if raw.get("console") is not None:
             cfg.console = SerialConfig.parse(str(raw["console"]))
-        if "rng" in raw:
-            cfg.rng = bool(raw["rng"])
+        if raw.get("rng") not in (None, False):
+            rng = "pci" if raw["rng"] is True else str(raw["rng"])
+            if rng not in ("pci", "mmio"):
+                raise ConfigError(f"rng {raw['rng']!r}: use pci or mmio")
+            cfg.rng = rng
+        if raw.get("console_transport") is not None:
+            if raw["console_transport"] not in ("pci", "mmio"):
+                raise ConfigError("console transport must be pci or mmio")
+            cfg.console_transport = str(raw["console_transport"])
         if "pci_testdev" in raw:
             cfg.pci_testdev = bool(raw["pci_testdev"])
         return cfg

@@ -162,35 +162,38 @@ class Machine:
         self.block_backends: list[RawBlockBackend] = []
         self.virtio_mmio: list[VirtioMmioDevice] = []
         slots = iter(L.virtio_mmio_slots())
+
+        def place(dev: VirtioDevice, transport: str) -> None:
+            if transport != "mmio":
+                pci.append(dev)
+                return
+            base, gsi = next(slots)
+            m = VirtioMmioDevice(dev, self.mem, self.irqchip.line(gsi),
+                                 defer=self.events.call_soon, fast_path=self.fast_path)
+            self.mmio.insert(m, base, L.VIRTIO_MMIO_SLOT_SIZE, m.name)
+            m.attach(base)
+            self.virtio_mmio.append(m)
+
         for i, d in enumerate(self.cfg.disks):
             be = RawBlockBackend(d.path, d.readonly)
             self.block_backends.append(be)
-            dev = VirtioBlk(be, serial=f"pyvmm-disk{i}")
-            if d.transport == "mmio":
-                base, gsi = next(slots)
-                m = VirtioMmioDevice(dev, self.mem, self.irqchip.line(gsi),
-                                     defer=self.events.call_soon, fast_path=self.fast_path)
-                self.mmio.insert(m, base, L.VIRTIO_MMIO_SLOT_SIZE, m.name)
-                m.attach(base)
-                self.virtio_mmio.append(m)
-            else:
-                pci.append(dev)
+            place(VirtioBlk(be, serial=f"pyvmm-disk{i}"), d.transport)
         self.taps: list[Tap] = []
         for i, n in enumerate(self.cfg.nets):
             tap = Tap("" if n.tap == "auto" else n.tap)
             self.taps.append(tap)
             mac = bytes.fromhex(n.mac.replace(":", "")) if n.mac else bytes(
                 (0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + i))
-            pci.append(VirtioNet(tap, mac, self.events))
+            place(VirtioNet(tap, mac, self.events), n.transport)
         self.console_io: SerialIo | None = None
         if self.cfg.console is not None:
             self.console_io = SerialIo(self.cfg.console, self.events)
             console = VirtioConsole(self.console_io.write)
             console.on_rx_space = self.console_io.resume_input
             self.console_io.attach(console)
-            pci.append(console)
+            place(console, self.cfg.console_transport)
         if self.cfg.rng:
-            pci.append(VirtioRng())
+            place(VirtioRng(), self.cfg.rng)
         return [VirtioPciDevice(dev, self.mem, self.irqchip, defer=self.events.call_soon,
                                 fast_path=self.fast_path) for dev in pci]
 
