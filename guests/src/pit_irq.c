@@ -40,6 +40,8 @@ int main(void)
     outb(0x43, 0x30);                 /* mode 0, no count written: channel stops */
     u64 want = hz * ms / 1000;
     printf("pit-irq route=%lu hz=%lu ms=%lu ticks=%u expected=%lu\n", route, hz, ms, n, want);
-    u64 diff = n > want ? n - want : want - n;
-    return diff * 100 <= want ? 0 : 3;
+    /* Never more than 1% over the programmed rate; up to 5% under it, because a host
+     * that deschedules the vCPU for longer than a period makes the timer coalesce
+     * ticks it could not deliver (KVM's PIT and pyvmm's alike). */
+    return (n * 100 <= want * 101 && n * 100 >= want * 95) ? 0 : 3;
 }

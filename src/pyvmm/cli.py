@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtio-blk disk: path=IMG[,readonly=on][,transport=pci] (repeatable)")
     r.add_argument("--rng", nargs="?", const="pci", choices=["pci", "mmio"],
                    help="add a virtio-rng device (optionally =mmio)")
+    r.add_argument("--rng-rate", help="virtio-rng: at most this many bytes per second")
+    r.add_argument("--msi", help="irqfd (default: an irqfd and GSI route per device vector) "
+                   "or signal (KVM_SIGNAL_MSI per message)")
     r.add_argument("--console", help="virtio-console host end: stdio, file:PATH, socket:PATH")
     r.add_argument("--console-transport", choices=["pci", "mmio"], help="default pci")
     r.add_argument("--net", action="append",
@@ -75,7 +78,7 @@ def _config_from_args(a: argparse.Namespace) -> MachineConfig:
         "debug_exit_port": a.debug_exit_port, "debug_exit_size": a.debug_exit_size,
         "timeout": a.timeout, "irqchip": a.irqchip, "disks": a.disk,
         "nets": a.net, "console": a.console, "console_transport": a.console_transport,
-        "rng": a.rng,
+        "rng": a.rng, "rng_rate": a.rng_rate, "msi": a.msi,
     }
     if a.config:
         cfg = MachineConfig.from_json(a.config, fields)

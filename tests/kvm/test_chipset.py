@@ -39,7 +39,11 @@ def test_pit_1khz_for_one_second(guests: Path, chip: str, route: int, tmp_path: 
     m = re.search(r"ticks=(\d+) expected=(\d+)", p.stdout)
     assert m, p.stdout + p.stderr
     ticks, want = int(m.group(1)), int(m.group(2))
-    assert abs(ticks - want) <= want // 100, p.stdout
+    # Never more ticks than the programmed rate allows (1%: the guest's own TSC window);
+    # fewer when the host deschedules the vCPU for longer than a tick and KVM's PIT
+    # coalesces what it could not inject: 986 of 1000 was seen on a CI machine busy
+    # with QEMU. A wrong divisor or mode is off by far more than 5%.
+    assert want * 95 // 100 <= ticks <= want * 101 // 100, p.stdout
     assert p.returncode == 0
     rep = json.loads(js.read_text())["irqchip"]
     if chip == "split":
@@ -61,4 +65,6 @@ def test_rtc_time_and_periodic_interrupt(guests: Path, chip: str) -> None:
     assert before - 1 <= guest <= after + 1
     assert "cmos mem above 1M: 64512 KiB" in p.stdout  # 64 MiB guest
     t = re.search(r"periodic ticks=(\d+) expected=(\d+)", p.stdout)
-    assert t and abs(int(t.group(1)) - int(t.group(2))) <= int(t.group(2)) // 50
+    assert t
+    n, want = int(t.group(1)), int(t.group(2))
+    assert want * 95 // 100 <= n <= want * 102 // 100  # fewer when ticks coalesce (PIT)

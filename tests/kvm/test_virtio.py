@@ -82,6 +82,18 @@ def test_rng_guest(guests: Path, transport: str) -> None:
     assert p.returncode == 0 and "virtio-rng ok" in p.stdout, p.stdout
 
 
+def test_rng_rate_limit_makes_the_guest_wait(guests: Path, tmp_path: Path) -> None:
+    """--rng-rate 64: the first 64-byte read takes the whole bucket, the second waits for
+    it to refill (about a second); both are full reads, nothing is dropped."""
+    js = tmp_path / "x.json"
+    p = run(guests / "virtio_rng.elf", "-q", "--rng", "--rng-rate", "64", "--exits-json",
+            str(js))
+    assert p.returncode == 0 and "virtio-rng ok" in p.stdout, p.stdout
+    rep = json.loads(js.read_text())
+    assert rep["virtio"][0]["bytes"] == 128
+    assert rep["result"]["wall_time_s"] >= 0.9  # a lower bound set by the limit itself
+
+
 @pytest.mark.parametrize("spec,text", [("path=/nonexistent.img", "disk image not found"),
                                        ("file=x", "unknown key"),
                                        ("path=x,readonly=maybe", "readonly must be on or off")])

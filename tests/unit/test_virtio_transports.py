@@ -55,7 +55,39 @@ def test_pci_ids_and_capabilities(mem: GuestMemory) -> None:
         if c.data[p] == P.PCI_CAP_ID_VNDR:
             types.append(c.data[p + 3])
         p = c.data[p + 1]
-    assert sorted(types) == [1, 2, 3, 4]
+    assert sorted(types) == [1, 2, 3, 4, 5]
+
+
+def _find_cap(dev: VirtioPciDevice, cfg_type: int) -> int:
+    c, p = dev.config, dev.config.data[P.PCI_CAPABILITY_LIST]
+    while p:
+        if c.data[p] == P.PCI_CAP_ID_VNDR and c.data[p + 3] == cfg_type:
+            return p
+        p = c.data[p + 1]
+    raise AssertionError("no such capability")
+
+
+def test_pci_cfg_access_capability_reaches_the_bars(mem: GuestMemory) -> None:
+    """The driver points the window at BAR 0's common config and reads/writes it
+    through pci_cfg_data; a broken window (length 3, BAR 5) reads 0 and does nothing."""
+    dev = VirtioPciDevice(VirtioRng(), mem, RecordingMsiSink())
+    cap = _find_cap(dev, V.VIRTIO_PCI_CAP_PCI_CFG)
+    data = cap + 16
+    dev.config_write(cap + 4, 1, 0)  # bar
+    dev.config_write(cap + 8, 4, COMMON_OFF + V.VIRTIO_PCI_COMMON_NUMQ)
+    dev.config_write(cap + 12, 4, 2)
+    assert dev.config_read(data, 2) == 1  # one queue
+    dev.config_write(cap + 8, 4, COMMON_OFF + V.VIRTIO_PCI_COMMON_STATUS)
+    dev.config_write(cap + 12, 4, 1)
+    dev.config_write(data, 1, 3)  # ACKNOWLEDGE | DRIVER through config space
+    assert dev.core.status == 3
+    assert dev.config_read(cap + 8, 4) == COMMON_OFF + V.VIRTIO_PCI_COMMON_STATUS  # fields
+    dev.config_write(cap + 12, 4, 3)
+    assert dev.config_read(data, 4) == 0 and dev.bad_accesses == 1
+    dev.config_write(cap + 12, 4, 1)
+    dev.config_write(cap + 4, 1, 5)
+    dev.config_write(data, 1, 0)  # would reset the device if it reached BAR 0
+    assert dev.core.status == 3 and dev.bad_accesses == 2
 
 
 @pytest.mark.parametrize("msix", [False, True])

@@ -1,10 +1,13 @@
 """Interrupt controllers as devices see them: lines by GSI and MSI messages.
 
 ``KernelIrqChip`` is KVM's in-kernel PIC/IOAPIC/LAPIC: a line is KVM_IRQ_LINE on its
-GSI, an MSI is KVM_SIGNAL_MSI. A message whose address is not in the x86 LAPIC
-window (0xFEExxxxx) is a guest programming error: it is dropped and counted, never
-passed to the kernel. The Python PIC/IOAPIC split chip is the next step
-(see issue notes); devices will not notice the difference.
+GSI. MSI goes one of two ways, on either chip: a device that owns its vectors
+(MSI-X, MSI) asks for ``vector_sink()`` and gets an irqfd with an MSI route of its
+own (the fast path: an eventfd write, no ioctl, usable from another process); the
+rest (the split chip's IOAPIC) use KVM_SIGNAL_MSI. ``use_irqfd = False`` sends
+everything by KVM_SIGNAL_MSI, for comparison. A message whose address is not in the
+x86 LAPIC window (0xFEExxxxx) is a guest programming error: it is dropped and
+counted, never passed to the kernel.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 from pyvmm.irq.line import InterruptLine, KvmIrqLine
+from pyvmm.irq.routing import GsiRouting, IrqfdMsi
 from pyvmm.kvm.vm import IrqchipRoute, Vm
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import kvm as K
@@ -49,28 +53,75 @@ class MsiSink(Protocol):
     def send_msi(self, msg: MsiMessage) -> None: ...
 
 
+def vector_sinks(sink: MsiSink, n: int) -> list[MsiSink]:
+    """One sink per device vector: the chip's irqfd vectors where it offers them
+    (``vector_sink``), else the shared sink (tests, a vfio-user export)."""
+    make = getattr(sink, "vector_sink", None)
+    return [make() for _ in range(n)] if callable(make) else [sink] * n
+
+
 class IrqChip(MsiSink, Protocol):
     def line(self, gsi: int) -> InterruptLine: ...
 
 
 class MsiToKvm:
     """MSI delivery shared by both irqchips: messages outside the LAPIC window are a
-    guest programming error, dropped and counted; the rest go to KVM_SIGNAL_MSI."""
+    guest programming error, dropped and counted; the rest go to KVM_SIGNAL_MSI, or
+    through a per-vector irqfd for sinks made by ``vector_sink``."""
+
+    use_irqfd = True
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
+        self.routing = GsiRouting(vm)
         self.errors = OnceLog()
         self.msis_sent = 0
         self.msis_dropped = 0
+        self.irqfd_vectors: list[IrqfdVector] = []
 
-    def send_msi(self, msg: MsiMessage) -> None:
+    def accept(self, msg: MsiMessage) -> bool:
+        """Count the message; False (dropped, logged once) if it is not deliverable."""
         if not msg.valid:
             self.msis_dropped += 1
             self.errors.warn("msi-address", f"MSI to {msg.address:#x} (data {msg.data:#x}) "
                              "is outside the LAPIC window; dropped")
-            return
+            return False
         self.msis_sent += 1
-        self.vm.signal_msi(msg.address, msg.data)
+        return True
+
+    def send_msi(self, msg: MsiMessage) -> None:
+        if self.accept(msg):
+            self.vm.signal_msi(msg.address, msg.data)
+
+    def vector_sink(self) -> MsiSink:
+        """A sink for one device vector; an irqfd unless ``use_irqfd`` is off."""
+        if not self.use_irqfd:
+            return self
+        v = IrqfdVector(self)
+        self.irqfd_vectors.append(v)
+        return v
+
+    @property
+    def msis_by_irqfd(self) -> int:
+        return sum(v.sent for v in self.irqfd_vectors)
+
+
+class IrqfdVector:
+    """One MSI/MSI-X vector of a device: its irqfd and GSI are made at the first
+    message, so vectors a driver never uses cost no routing entry."""
+
+    def __init__(self, chip: MsiToKvm) -> None:
+        self.chip = chip
+        self.irqfd: IrqfdMsi | None = None
+        self.sent = 0
+
+    def send_msi(self, msg: MsiMessage) -> None:
+        if not self.chip.accept(msg):
+            return
+        if self.irqfd is None:
+            self.irqfd = IrqfdMsi(self.chip.routing)
+        self.irqfd.send(msg.address, msg.data)
+        self.sent += 1
 
 
 class KernelIrqChip(MsiToKvm):
@@ -80,7 +131,7 @@ class KernelIrqChip(MsiToKvm):
 
     def create(self) -> None:
         self.vm.create_irqchip()
-        self.vm.set_gsi_routing(isa_routes())
+        self.routing.set_fixed(isa_routes())
 
     def line(self, gsi: int) -> KvmIrqLine:
         if gsi not in self._lines:

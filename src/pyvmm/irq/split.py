@@ -90,8 +90,8 @@ class SplitIrqChip(MsiToKvm):
             self.ioapic.set_irq(ISA_IRQ0_IOAPIC_PIN if gsi == 0 else gsi, level)
 
     def _routes_changed(self) -> None:
-        self.vm.set_gsi_routing([MsiRoute(pin, m.address, m.data)
-                                 for pin, m in self.ioapic.routes()])
+        self.routing.set_fixed([MsiRoute(pin, m.address, m.data)
+                                for pin, m in self.ioapic.routes()])
 
     # --- ExtINT injection -----------------------------------------------------------
     def _pic_output(self, level: bool) -> None:

@@ -142,6 +142,8 @@ class MachineConfig:
     console: SerialConfig | None = None  # virtio-console host end
     console_transport: str = "pci"
     rng: str | None = None  # None, "pci" or "mmio"
+    rng_rate: int | None = None  # virtio-rng bytes per second (token bucket), None: unlimited
+    msi: str = "irqfd"  # device MSI/MSI-X vectors: "irqfd" (per-vector GSI) or "signal"
 
     def validate(self) -> None:
         if self.memory < MIN_MEMORY:
@@ -237,6 +239,14 @@ class MachineConfig:
             if rng not in ("pci", "mmio"):
                 raise ConfigError(f"rng {raw['rng']!r}: use pci or mmio")
             cfg.rng = rng
+        if raw.get("rng_rate") is not None:
+            cfg.rng_rate = parse_int(raw["rng_rate"], "rng-rate")
+            if cfg.rng_rate <= 0:
+                raise ConfigError("rng-rate must be a positive number of bytes per second")
+        if raw.get("msi") is not None:
+            if raw["msi"] not in ("irqfd", "signal"):
+                raise ConfigError(f"msi {raw['msi']!r}: use irqfd or signal")
+            cfg.msi = str(raw["msi"])
         if raw.get("console_transport") is not None:
             if raw["console_transport"] not in ("pci", "mmio"):
                 raise ConfigError("console transport must be pci or mmio")

@@ -59,6 +59,7 @@ from pyvmm.machine.fastpath import IoeventfdFastPath
 from pyvmm.machine.pci import build_pci
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
+from pyvmm.sharing.ratelimit import TokenBucket
 from pyvmm.uapi import kvm as K
 
 REQUIRED_CAPS = (
@@ -115,6 +116,7 @@ class Machine:
             self.irqchip = SplitIrqChip(vm)
         else:
             self.irqchip = KernelIrqChip(vm)
+        self.irqchip.use_irqfd = cfg.msi == "irqfd"
         self.irqchip.create()
         self.timers: list[TimerFd] = []
         for slot, r in enumerate(self.mem.regions()):
@@ -193,7 +195,8 @@ class Machine:
             self.console_io.attach(console)
             place(console, self.cfg.console_transport)
         if self.cfg.rng:
-            place(VirtioRng(), self.cfg.rng)
+            limit = None if self.cfg.rng_rate is None else TokenBucket(self.cfg.rng_rate)
+            place(VirtioRng(limit, self.events.call_later), self.cfg.rng)
         return [VirtioPciDevice(dev, self.mem, self.irqchip, defer=self.events.call_soon,
                                 fast_path=self.fast_path) for dev in pci]
 
@@ -416,7 +419,9 @@ class Machine:
     def _irqchip_report(self) -> dict[str, Any]:
         chip = self.irqchip
         rep: dict[str, Any] = {"mode": self.cfg.irqchip, "msis_sent": chip.msis_sent,
-                               "msis_dropped": chip.msis_dropped}
+                               "msis_dropped": chip.msis_dropped, "msi_path": self.cfg.msi,
+                               "msis_by_irqfd": chip.msis_by_irqfd,
+                               "gsi_route_commits": chip.routing.commits}
         if isinstance(chip, SplitIrqChip):
             rep.update(pic_injected=chip.injected, ioapic_delivered=chip.ioapic.delivered,
                        ioapic_eois=chip.eois, pic_spurious=chip.pic.spurious)

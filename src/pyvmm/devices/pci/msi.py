@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 
 from pyvmm.devices.pci.config_space import PCIConfigSpace
-from pyvmm.irq.chip import MsiMessage, MsiSink
+from pyvmm.irq.chip import MsiMessage, MsiSink, vector_sinks
 from pyvmm.uapi import pci as P
 
 
@@ -19,6 +19,7 @@ class MsiCapability:
         if vectors not in (1, 2, 4, 8, 16, 32):
             raise ValueError("MSI vectors must be a power of two up to 32")
         self.config, self.sink, self.vectors = config, sink, vectors
+        self._sinks = vector_sinks(sink, vectors)  # irqfd per vector where the chip has it
         mmc = (vectors.bit_length() - 1) << 1
         flags = P.PCI_MSI_FLAGS_64BIT | P.PCI_MSI_FLAGS_MASKBIT | mmc
         # body: flags, addr lo, addr hi, data (+2 reserved), mask, pending
@@ -61,7 +62,7 @@ class MsiCapability:
         if self._mask() & (1 << n):
             self._set_pending(self._pending() | (1 << n))
             return False
-        self.sink.send_msi(self.message(n))
+        self._sinks[n].send_msi(self.message(n))
         return True
 
     def _on_write(self, offset: int, size: int, value: int) -> None:
@@ -71,4 +72,4 @@ class MsiCapability:
             self._set_pending(self._pending() & ~pending)
             for n in range(self.vectors):
                 if pending & (1 << n):
-                    self.sink.send_msi(self.message(n))
+                    self._sinks[n].send_msi(self.message(n))

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable
 
 from pyvmm.devices.pci.config_space import PCIConfigSpace
-from pyvmm.irq.chip import MsiMessage, MsiSink
+from pyvmm.irq.chip import MsiMessage, MsiSink, vector_sinks
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import pci as P
 
@@ -25,6 +25,7 @@ class MsixCapability:
         if not 1 <= vectors <= 2048:
             raise ValueError("MSI-X supports 1..2048 vectors")
         self.config, self.sink, self.vectors, self.bar = config, sink, vectors, bar
+        self._sinks = vector_sinks(sink, vectors)  # irqfd per vector where the chip has it
         self.table_offset = table_offset
         table_size = vectors * P.PCI_MSIX_ENTRY_SIZE
         self.pba_offset = pba_offset if pba_offset is not None else (
@@ -82,7 +83,7 @@ class MsixCapability:
         if self.masked(n):
             self.pba[n // 8] |= 1 << (n % 8)
             return False
-        self.sink.send_msi(self.message(n))
+        self._sinks[n].send_msi(self.message(n))
         return True
 
     def _deliver_pending(self) -> None:
@@ -91,7 +92,7 @@ class MsixCapability:
         for n in range(self.vectors):
             if self.pending(n) and not self.masked(n):
                 self.pba[n // 8] &= ~(1 << (n % 8)) & 0xFF
-                self.sink.send_msi(self.message(n))
+                self._sinks[n].send_msi(self.message(n))
 
     def _on_cfg_write(self, offset: int, size: int, value: int) -> None:
         self._deliver_pending()

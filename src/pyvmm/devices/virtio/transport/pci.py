@@ -3,7 +3,8 @@
 BAR 0 (16 KiB memory) holds the common configuration at 0x0000, the ISR byte at
 0x1000, the device configuration at 0x2000 and the notification area at 0x3000
 (queue n at 0x3000 + 4n; notify_off_multiplier 4). BAR 1 holds the MSI-X table and
-PBA, one vector per queue plus one for configuration changes. Interrupts go by MSI-X
+PBA, one vector per queue plus one for configuration changes. A
+VIRTIO_PCI_CAP_PCI_CFG capability reaches both BARs through config space. Interrupts go by MSI-X
 when the driver enables it, else by INTx with the ISR byte (read-to-clear).
 
 Notifications: when BAR 0 is mapped, each queue's notify address gets an ioeventfd,
@@ -24,7 +25,7 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from pyvmm.devices.pci.config_space import PCIConfigSpace
+from pyvmm.devices.pci.config_space import BarChange, PCIConfigSpace
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.msix import MsixCapability
 from pyvmm.devices.virtio.core import VirtioCore, VirtioDevice
@@ -93,6 +94,14 @@ class VirtioPciDevice(PCIDevice):
         c.add_capability(P.PCI_CAP_ID_VNDR, struct.pack(
             "<BBBB2xIII", 20, V.VIRTIO_PCI_CAP_NOTIFY_CFG, BAR_REGS, 0, NOTIFY_OFF,
             NOTIFY_MULTIPLIER * nq, NOTIFY_MULTIPLIER))
+        # VIRTIO_PCI_CAP_PCI_CFG (§4.1.4.9): a window in config space onto any BAR, for
+        # drivers (firmware) that cannot map BARs. The driver writes bar/offset/length
+        # into the capability; pci_cfg_data then reads or writes those BAR bytes.
+        self.cfg_cap = c.add_capability(
+            P.PCI_CAP_ID_VNDR, struct.pack("<BBBB2xII4x", 20, V.VIRTIO_PCI_CAP_PCI_CFG, 0, 0,
+                                           0, 0),
+            body_wmask=struct.pack("<BBBB2xII4s", 0, 0, 0xFF, 0, 0xFFFFFFFF, 0xFFFFFFFF,
+                                   b"\xff" * 4))
         self.msix = MsixCapability(c, msi, vectors=nq + 1, bar=BAR_MSIX)
 
     # --- VirtioInterrupt -----------------------------------------------------------------
@@ -113,6 +122,37 @@ class VirtioPciDevice(PCIDevice):
             return
         self.isr |= V.VIRTIO_PCI_ISR_CONFIG
         self.set_intx(True)
+
+    # --- the PCI configuration access capability ----------------------------------------
+    def _cfg_window(self, offset: int, size: int) -> tuple[int, int, int] | None:
+        """(bar, bar offset, length) if this access is to pci_cfg_data and the window the
+        driver set up is usable; None for every other config access."""
+        data = self.cfg_cap + 16
+        if not (data <= offset and offset + size <= data + 4) or size not in (1, 2, 4):
+            return None
+        c = self.config
+        bar, off, length = c.data[self.cfg_cap + 4], c.get32(self.cfg_cap + 8), c.get32(
+            self.cfg_cap + 12)
+        if length not in (1, 2, 4) or off % length or bar not in (BAR_REGS, BAR_MSIX):
+            self._bad("pci-cfg-window", off, length)  # the spec leaves this undefined
+            return (-1, 0, 0)
+        return bar, off, length
+
+    def config_read(self, offset: int, size: int) -> int:
+        w = self._cfg_window(offset, size)
+        if w is None:
+            return super().config_read(offset, size)
+        bar, off, length = w
+        return 0 if bar < 0 else self.read_bar(bar, off, length) & ((1 << (8 * size)) - 1)
+
+    def config_write(self, offset: int, size: int, value: int) -> list[BarChange]:
+        w = self._cfg_window(offset, size)
+        if w is None:
+            return super().config_write(offset, size, value)
+        bar, off, length = w
+        if bar >= 0:
+            self.write_bar(bar, off, length, value & ((1 << (8 * length)) - 1))
+        return []
 
     # --- BARs ------------------------------------------------------------------------------
     def bar_moved(self, index: int, new: int | None) -> None:

@@ -1,0 +1,96 @@
+"""KVM's GSI routing table, owned in one place, and MSI delivered through irqfd.
+
+KVM_SET_GSI_ROUTING replaces the whole table, so whoever sets routes must know all
+of them: the fixed part (ISA lines on the kernel chip, or the split chip's IOAPIC
+mirror) and one MSI route per irqfd vector. ``GsiRouting`` keeps both and commits
+the union.
+
+``IrqfdMsi`` is one MSI source (an MSI-X vector, say) with a GSI of its own, an
+eventfd bound to it with KVM_IRQFD, and the message it was last routed to. Sending
+a message is an eventfd write; the kernel injects it without KVM_SIGNAL_MSI, and the
+same fd could be handed to another process (a vhost-user or vfio-user backend) so
+that it interrupts the guest with no VMM in the path. The route is rewritten only
+when the guest reprograms the vector's address/data, which drivers do rarely.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from pyvmm.kvm.vm import IrqchipRoute, MsiRoute, Vm
+
+FIRST_MSI_GSI = 24  # GSIs below are the IOAPIC's pins (and the PIC's)
+
+
+class GsiRouting:
+    def __init__(self, vm: Vm, max_routes: int = 4096) -> None:
+        self.vm = vm
+        self.max_routes = max_routes
+        self._fixed: list[MsiRoute | IrqchipRoute] = []
+        self._msi: dict[int, MsiRoute] = {}
+        self._next_gsi = FIRST_MSI_GSI
+        self._free: list[int] = []
+        self.commits = 0
+
+    def set_fixed(self, routes: Sequence[MsiRoute | IrqchipRoute]) -> None:
+        self._fixed = list(routes)
+        self.commit()
+
+    def alloc_gsi(self) -> int:
+        if self._free:
+            return self._free.pop()
+        allocated = self._next_gsi - FIRST_MSI_GSI - len(self._free)
+        if len(self._fixed) + allocated >= self.max_routes:
+            raise RuntimeError("KVM GSI routing table is full")
+        gsi, self._next_gsi = self._next_gsi, self._next_gsi + 1
+        return gsi
+
+    def release_gsi(self, gsi: int) -> None:
+        if self._msi.pop(gsi, None) is not None:
+            self.commit()
+        self._free.append(gsi)
+
+    def set_msi(self, gsi: int, address: int, data: int) -> None:
+        self._msi[gsi] = MsiRoute(gsi, address, data)
+        self.commit()
+
+    def routes(self) -> list[MsiRoute | IrqchipRoute]:
+        return [*self._fixed, *self._msi.values()]
+
+    def commit(self) -> None:
+        self.commits += 1
+        self.vm.set_gsi_routing(self.routes())
+
+
+class IrqfdMsi:
+    """One MSI source delivered by irqfd. ``send(address, data)`` expects a message the
+    chip has already validated (inside the LAPIC window)."""
+
+    def __init__(self, routing: GsiRouting) -> None:
+        self.routing = routing
+        self.gsi = routing.alloc_gsi()
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._routed: tuple[int, int] | None = None
+        self.route_updates = 0
+        try:
+            routing.vm.irqfd(self.fd, self.gsi)
+        except BaseException:
+            os.close(self.fd)
+            routing.release_gsi(self.gsi)
+            raise
+
+    def send(self, address: int, data: int) -> None:
+        if self._routed != (address, data):
+            self.routing.set_msi(self.gsi, address, data)
+            self._routed = (address, data)
+            self.route_updates += 1
+        os.eventfd_write(self.fd, 1)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.routing.vm.irqfd(self.fd, self.gsi, deassign=True)
+        os.close(self.fd)
+        self.fd = -1
+        self.routing.release_gsi(self.gsi)
