@@ -5,11 +5,14 @@ virtio-blk PCI device and polls for completions with interrupts suppressed; it t
 everything with its TSC. pyvmm and QEMU (q35, -accel kvm -cpu host,arch-capabilities=off,
 virtio-blk-pci modern-only, cache=writeback like pyvmm's buffered I/O) get the same
 image; runs are interleaved. Host fio reads the same file with the same block sizes.
+Each workload runs twice per round, with the image's page cache dropped first
+(posix_fadvise DONTNEED: "cold", reads reach the disk) and with the image read into it
+first ("warm"), so no run inherits the cache state its predecessor left.
 Reported: IOPS, MB/s, p50/p99 latency, pyvmm's userspace exits per request (all exits of
 the run / requests: an upper bound that includes boot and printing), VMM CPU per request
 (all threads, which includes the vCPU polling; for pyvmm also its event-loop thread alone).
 
-    python bench/blk.py [--rounds 3] [--json PATH]
+    python bench/blk.py [--rounds 3] [--cache cold,warm] [--only QD32] [--json PATH]
 """
 
 from __future__ import annotations
@@ -86,10 +89,25 @@ def run_qemu(qemu: str, img: Path, cmdline: str, khz: int) -> dict[str, float]:
             "cpu_us_per_req": cpu / n * 1e6}
 
 
-def run_fio(img: Path, args: list[str]) -> dict[str, float]:
+def set_cache(img: Path, state: str) -> None:
+    """cold: drop the image from the page cache; warm: read all of it in."""
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        if state == "cold":
+            os.fsync(fd)  # written pages must be clean to be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        else:
+            while os.read(fd, 1 << 20):
+                pass
+    finally:
+        os.close(fd)
+
+
+def run_fio(img: Path, args: list[str], state: str) -> dict[str, float]:
     out = subprocess.run(["fio", "--name=b", f"--filename={img}", "--ioengine=libaio",
                           "--direct=0", "--runtime=3", "--time_based", "--output-format=json",
-                          *args], capture_output=True, text=True, check=True).stdout
+                          f"--invalidate={int(state == 'cold')}", *args],
+                         capture_output=True, text=True, check=True).stdout
     job = json.loads(out)["jobs"][0]
     side = job["read"] if job["read"]["io_bytes"] else job["write"]
     return {"iops": side["iops"], "mbps": side["bw_bytes"] / 1e6,
@@ -102,6 +120,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--image-mb", type=int, default=512)
     ap.add_argument("--json")
+    ap.add_argument("--cache", default="cold,warm", help="page-cache states to run: cold,warm")
+    ap.add_argument("--only", help="run only workloads whose label contains this")
     a = ap.parse_args()
     subprocess.run(["make", "-s", "-C", str(ROOT / "guests")], check=True)
     khz = int(tsc_hz() / 1000)
@@ -115,19 +135,25 @@ def main() -> int:
                 f.write(chunk)
         for _ in range(a.rounds):
             for label, cmdline, fio_args in WORKLOADS:
-                r = res.setdefault(label, {"pyvmm": [], "qemu": [], "fio": []})
-                r["pyvmm"].append(run_pyvmm(img, cmdline, khz))
-                if qemu:
-                    r["qemu"].append(run_qemu(qemu, img, cmdline, khz))
-                if fio:
-                    r["fio"].append(run_fio(img, fio_args))
+                if a.only and a.only not in label:
+                    continue
+                for state in a.cache.split(","):
+                    r = res.setdefault(f"{label} {state}", {"pyvmm": [], "qemu": [], "fio": []})
+                    set_cache(img, state)
+                    r["pyvmm"].append(run_pyvmm(img, cmdline, khz))
+                    if qemu:
+                        set_cache(img, state)
+                        r["qemu"].append(run_qemu(qemu, img, cmdline, khz))
+                    if fio:
+                        set_cache(img, state)
+                        r["fio"].append(run_fio(img, fio_args, state))
 
     def med(rows: list[dict[str, float]], key: str) -> float:
         return statistics.median(x[key] for x in rows) if rows else float("nan")
 
     print(f"virtio-blk, {a.rounds} interleaved rounds, medians; image {a.image_mb} MiB "
           "(buffered I/O in every case)")
-    print(f"{'workload':18} {'who':6} {'IOPS':>8} {'MB/s':>7} {'p50us':>7} {'p99us':>7} "
+    print(f"{'workload':23} {'who':6} {'IOPS':>8} {'MB/s':>7} {'p50us':>7} {'p99us':>7} "
           f"{'exits/req':>9} {'CPUus/req':>9} {'loopus/req':>10} {'vs QEMU':>8}")
     for label, r in res.items():
         q_iops = med(r["qemu"], "iops")
@@ -136,7 +162,7 @@ def main() -> int:
             if not rows:
                 continue
             ratio = med(rows, "iops") / q_iops if who == "pyvmm" and r["qemu"] else float("nan")
-            print(f"{label:18} {who:6} {med(rows, 'iops'):8.0f} {med(rows, 'mbps'):7.0f} "
+            print(f"{label:23} {who:6} {med(rows, 'iops'):8.0f} {med(rows, 'mbps'):7.0f} "
                   f"{med(rows, 'p50_us'):7.0f} {med(rows, 'p99_us'):7.0f} "
                   f"{med(rows, 'exits_per_req') if who == 'pyvmm' else float('nan'):9.3f} "
                   f"{med(rows, 'cpu_us_per_req') if who != 'fio' else float('nan'):9.1f} "

@@ -64,11 +64,12 @@ def qemu_in_sid(workdir: Path, args: list[str],
                           capture_output=True, timeout=timeout)
 
 
-def vfio_user_linux_args(socket_in_wd: str = "/wd/vfu.sock") -> list[str]:
-    """QEMU arguments booting the kit from /wd with one vfio-user-pci device."""
+def vfio_user_linux_args(socket_in_wd: str = "/wd/vfu.sock", append: str = "") -> list[str]:
+    """QEMU arguments booting the kit from /wd with one vfio-user-pci device; ``append``
+    adds to the kernel command line."""
     return ["-accel", "tcg", "-M", "q35,memory-backend=mem", "-object",
             "memory-backend-memfd,id=mem,size=256M,share=on", "-m", "256M", "-nodefaults",
             "-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot",
             "-kernel", "/wd/vmlinux", "-initrd", "/wd/initrd.cpio",
-            "-append", "console=ttyS0 panic=-1 quiet", "-device",
+            "-append", f"console=ttyS0 panic=-1 quiet {append}".strip(), "-device",
             '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"' + socket_in_wd + '"}}']

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pyvmm.errors import ConfigError
@@ -29,6 +30,10 @@ class BlockBackend(Protocol):
     def readv(self, offset: int, bufs: Buffers) -> int: ...
 
     def writev(self, offset: int, bufs: Buffers) -> int: ...
+
+    def readv_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None: ...
+
+    def writev_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None: ...
 
     def flush(self) -> None: ...
 
@@ -59,6 +64,32 @@ class RawBlockBackend:
 
     def writev(self, offset: int, bufs: Buffers) -> int:
         return os.pwritev(self.fd, bufs, offset)
+
+    # Non-blocking attempts (RWF_NOWAIT): the whole transfer from/to the page cache, or
+    # None if any of it would wait for the disk (a short transfer counts as that; it is
+    # redone whole, which is harmless for reads and for rewriting the same bytes).
+    _nowait = {"read": True, "write": True}
+
+    def _try(self, kind: str, fn: Callable[[], int], want: int) -> int | None:
+        if not self._nowait[kind]:
+            return None
+        try:
+            n = fn()
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # not on this file system
+                self._nowait = {**self._nowait, kind: False}
+                return None
+            raise
+        return n if n == want else None
+
+    def readv_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None:
+        return self._try("read", lambda: os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT), want)
+
+    def writev_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None:
+        return self._try("write", lambda: os.pwritev(self.fd, bufs, offset, os.RWF_NOWAIT),
+                         want)
 
     def flush(self) -> None:
         os.fsync(self.fd)

@@ -23,6 +23,7 @@ from pyvmm import pvm
 from pyvmm.acpi import tables as acpi_tables
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.backends.char import SerialIo
+from pyvmm.backends.io_pool import IoPool
 from pyvmm.backends.tap import Tap
 from pyvmm.bus import IoBus, MmioBus
 from pyvmm.devices.legacy.debug_exit import DebugExit
@@ -176,10 +177,11 @@ class Machine:
             m.attach(base)
             self.virtio_mmio.append(m)
 
+        self.io_pool: IoPool | None = IoPool() if self.cfg.disks else None
         for i, d in enumerate(self.cfg.disks):
             be = RawBlockBackend(d.path, d.readonly)
             self.block_backends.append(be)
-            place(VirtioBlk(be, serial=f"pyvmm-disk{i}"), d.transport)
+            place(VirtioBlk(be, serial=f"pyvmm-disk{i}", pool=self.io_pool), d.transport)
         self.taps: list[Tap] = []
         for i, n in enumerate(self.cfg.nets):
             tap = Tap("" if n.tap == "auto" else n.tap)
@@ -400,6 +402,7 @@ class Machine:
             "guest_errors": dict(self.guest_errors.counts),
             "irqchip": self._irqchip_report(),
             "virtio": [{"device": v.name, "requests": v.device.requests,
+                        "deferred_to_io_pool": getattr(v.device, "deferred", 0),
                         "bytes": v.device.bytes, "notifications": v.core.notifications,
                         "interrupts": v.interrupts, "needs_reset": v.core.needs_reset_count}
                        for v in self.virtio_transports()],
@@ -459,6 +462,8 @@ class Machine:
     def close(self) -> None:
         for t in getattr(self, "timers", []):
             t.close()
+        if getattr(self, "io_pool", None) is not None:
+            self.io_pool.close()  # type: ignore[union-attr]  # before the image fds close
         for be in getattr(self, "block_backends", []):
             be.close()
         for tap in getattr(self, "taps", []):

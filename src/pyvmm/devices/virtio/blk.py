@@ -2,7 +2,10 @@
 
 Requests: IN, OUT, FLUSH (fsync: it really reaches the disk), GET_ID, DISCARD and
 WRITE_ZEROES. Data moves with preadv/pwritev straight between the image and
-guest-memory views — no copy in Python. A request is a header (16 bytes,
+guest-memory views — no copy in Python. With an ``IoPool`` (the VMM's case) a
+transfer is first tried with RWF_NOWAIT on the event loop; one that would wait for
+the disk goes to a pool thread and completes from there, so a cold cache still has
+many requests in flight. A request is a header (16 bytes,
 device-readable), data, and a status byte (the last byte of the chain,
 device-writable); the header and data may be split across descriptors any way the
 driver likes.
@@ -19,8 +22,9 @@ from __future__ import annotations
 import struct
 
 from pyvmm.backends.block import BlockBackend
+from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.virtio.core import VirtioDevice
-from pyvmm.devices.virtio.queue import Descriptor, VirtqueueError
+from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
 from pyvmm.uapi import virtio as V
@@ -45,9 +49,12 @@ class VirtioBlk(VirtioDevice):
     device_type = V.VIRTIO_ID_BLOCK
     queue_max_sizes = (256,)
 
-    def __init__(self, backend: BlockBackend, serial: str = "pyvmm-disk") -> None:
+    def __init__(self, backend: BlockBackend, serial: str = "pyvmm-disk",
+                 pool: IoPool | None = None) -> None:
         super().__init__()
         self.backend = backend
+        self.pool = pool  # None: every request is served inline (the vhost-user host)
+        self.deferred = 0  # requests handed to the pool because they would block
         self.serial = serial.encode()[:V.VIRTIO_BLK_ID_BYTES]
         self.features = ((1 << V.VIRTIO_F_VERSION_1) | (1 << V.VIRTIO_RING_F_EVENT_IDX)
                          | (1 << V.VIRTIO_RING_F_INDIRECT_DESC) | (1 << V.VIRTIO_BLK_F_SEG_MAX)
@@ -75,12 +82,15 @@ class VirtioBlk(VirtioDevice):
         assert mem is not None
         while (chain := vq.pop()) is not None:
             descs = chain.descriptors()
-            written = self._request(mem, descs)
-            self.requests += 1
-            self.complete(vq, chain, written)
+            written = self._request(mem, descs, vq, chain)
+            if written is not None:
+                self.requests += 1
+                self.complete(vq, chain, written)
 
-    def _request(self, mem: GuestMemory, descs: list[Descriptor]) -> int:
-        """Serve one request; returns the bytes written into guest memory."""
+    def _request(self, mem: GuestMemory, descs: list[Descriptor], vq: Virtqueue,
+                 chain: DescriptorChain) -> int | None:
+        """Serve one request; returns the bytes written into guest memory, or None if
+        it went to the I/O pool and completes from there."""
         if not descs or not descs[-1].write or descs[-1].len < 1:
             raise VirtqueueError("virtio-blk request without a status byte")
         status_desc = descs[-1]
@@ -96,7 +106,11 @@ class VirtioBlk(VirtioDevice):
         typ, _, sector = _hdr.unpack(header)
         rdata = self._skip(readable, 16)
         try:
-            status, written = self._serve(mem, typ, sector, rdata, wdata)
+            done = self._serve(mem, typ, sector, rdata, wdata)
+            if done is None:
+                self._defer(mem, typ, sector, rdata, wdata, vq, chain, status_addr)
+                return None
+            status, written = done
         except OSError as e:
             self._report(f"host I/O error: {e.strerror}")
             status, written = V.VIRTIO_BLK_S_IOERR, 0
@@ -122,25 +136,71 @@ class VirtioBlk(VirtioDevice):
     def _range_ok(self, sector: int, nbytes: int) -> bool:
         return nbytes % V.SECTOR_SIZE == 0 and sector + nbytes // V.SECTOR_SIZE <= self.capacity
 
-    def _serve(self, mem: GuestMemory, typ: int, sector: int, rdata: list[Descriptor],
-               wdata: list[Descriptor]) -> tuple[int, int]:
+    def _transfer(self, mem: GuestMemory, typ: int, sector: int, rdata: list[Descriptor],
+                  wdata: list[Descriptor], block: bool) -> tuple[int, int, int] | None:
+        """A read or write: (status, bytes written to guest memory, bytes moved); None
+        if ``block`` is off and it would wait for the disk."""
         be = self.backend
-        if typ == V.VIRTIO_BLK_T_IN:
-            n = sum(d.len for d in wdata)
-            if not self._range_ok(sector, n):
-                return V.VIRTIO_BLK_S_IOERR, 0
-            views = [mem.view(d.addr, d.len) for d in wdata if d.len]
-            got = be.readv(sector * V.SECTOR_SIZE, views)
-            self.bytes += got
-            return (V.VIRTIO_BLK_S_OK if got == n else V.VIRTIO_BLK_S_IOERR), got
-        if typ == V.VIRTIO_BLK_T_OUT:
-            n = sum(d.len for d in rdata)
-            if be.read_only or not self._range_ok(sector, n):
-                return V.VIRTIO_BLK_S_IOERR, 0
-            views = [mem.view(d.addr, d.len) for d in rdata if d.len]
-            put = be.writev(sector * V.SECTOR_SIZE, views)
-            self.bytes += put
-            return (V.VIRTIO_BLK_S_OK if put == n else V.VIRTIO_BLK_S_IOERR), 0
+        is_in = typ == V.VIRTIO_BLK_T_IN
+        descs = wdata if is_in else rdata
+        n = sum(d.len for d in descs)
+        if (not is_in and be.read_only) or not self._range_ok(sector, n):
+            return V.VIRTIO_BLK_S_IOERR, 0, 0
+        views = [mem.view(d.addr, d.len) for d in descs if d.len]
+        off = sector * V.SECTOR_SIZE
+        if block:
+            got = be.readv(off, views) if is_in else be.writev(off, views)
+        else:
+            try_ = be.readv_nowait if is_in else be.writev_nowait
+            fast = try_(off, views, n)
+            if fast is None:
+                return None
+            got = fast
+        return (V.VIRTIO_BLK_S_OK if got == n else V.VIRTIO_BLK_S_IOERR), (
+            got if is_in else 0), got
+
+    def _defer(self, mem: GuestMemory, typ: int, sector: int, rdata: list[Descriptor],
+               wdata: list[Descriptor], vq: Virtqueue, chain: DescriptorChain,
+               status_addr: int) -> None:
+        """Serve a transfer that would block on a pool thread, then complete it there
+        under the device lock — unless the device was reset meanwhile (its queue is
+        gone), in which case the result is dropped as a reset device drops it."""
+        assert self.pool is not None
+        self.deferred += 1
+
+        def work() -> None:
+            try:
+                done = self._transfer(mem, typ, sector, rdata, wdata, block=True)
+            except OSError as e:
+                self._report(f"host I/O error: {e.strerror}")
+                done = None
+            except GuestMemoryError:
+                done = None
+            status, written, moved = done or (V.VIRTIO_BLK_S_IOERR, 0, 0)
+            with self.core_lock:
+                if not self.queues or self.queues[0] is not vq:
+                    return
+                try:
+                    mem.write(status_addr, bytes((status,)))
+                except GuestMemoryError as e:
+                    if self.on_error is not None:
+                        self.on_error(f"queue 0: {e}")
+                    return
+                self.requests += 1
+                self.bytes += moved
+                self.complete(vq, chain, written + 1)
+
+        self.pool.submit(work)
+
+    def _serve(self, mem: GuestMemory, typ: int, sector: int, rdata: list[Descriptor],
+               wdata: list[Descriptor]) -> tuple[int, int] | None:
+        be = self.backend
+        if typ in (V.VIRTIO_BLK_T_IN, V.VIRTIO_BLK_T_OUT):
+            moved = self._transfer(mem, typ, sector, rdata, wdata, block=self.pool is None)
+            if moved is None:
+                return None
+            self.bytes += moved[2]
+            return moved[0], moved[1]
         if typ == V.VIRTIO_BLK_T_FLUSH:
             if not be.read_only:
                 be.flush()
