@@ -5,13 +5,14 @@ out of order if the disk says so; a reset while one is in flight drops its resul
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pyvmm.backends.block import Buffers, RawBlockBackend
+from pyvmm.backends.block import Buffers, RawBlockBackend, skip_buffers
 from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.memory import GuestMemory
@@ -27,11 +28,11 @@ class ColdDisk(RawBlockBackend):
         super().__init__(path)
         self.gate = threading.Event()
 
-    def readv_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None:
-        return None
+    def readv_nowait(self, offset: int, bufs: Buffers) -> int:
+        return 0
 
-    def writev_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None:
-        return None
+    def writev_nowait(self, offset: int, bufs: Buffers) -> int:
+        return 0
 
     def readv(self, offset: int, bufs: Buffers) -> int:
         if offset == 0:
@@ -114,5 +115,43 @@ def test_reset_while_in_flight_drops_the_completion(mem: GuestMemory, image: Pat
         be.gate.set()
         pool.close()  # waits for the worker
         assert dq.used_idx() == 0 and mem.read(st, 1) == b"\xff" and dev.requests == 0
+    finally:
+        pool.close()
+
+
+class HalfCached(RawBlockBackend):
+    """The page cache holds the first 512 bytes of every transfer, no more."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.blocking: list[tuple[int, int]] = []
+
+    def readv_nowait(self, offset: int, bufs: Buffers) -> int:
+        return super().readv(offset, skip_buffers(bufs, 0)[:1]) if bufs else 0
+
+    def readv(self, offset: int, bufs: Buffers) -> int:
+        self.blocking.append((offset, sum(len(b) for b in bufs)))
+        return super().readv(offset, bufs)
+
+
+def test_partial_cache_hit_leaves_only_the_rest_to_the_pool(mem: GuestMemory,
+                                                            image: Path) -> None:
+    pool = IoPool(workers=1)
+    try:
+        be = HalfCached(str(image))
+        dev = VirtioBlk(be, pool=pool)
+        core, dq, _ = bring_up(dev, mem)
+        # two descriptors of 512 bytes: the first is "cached", the second is not
+        hdr = dq.alloc(struct.pack("<IIQ", V.VIRTIO_BLK_T_IN, 0, 6))
+        a, b, st = dq.alloc(512), dq.alloc(512), dq.alloc(b"\xff")
+        dq.add([(hdr, 16, False), (a, 512, True), (b, 512, True), (st, 1, True)])
+        core.notify(0)
+        got: list[tuple[int, int]] = []
+        wait_used(dq, 1, got)
+        assert got and got[0][1] == 1025 and mem.read(st, 1) == b"\0"
+        assert be.blocking == [(6 * 512 + 512, 512)]  # only the uncached half
+        data = image.read_bytes()
+        assert mem.read(a, 512) + mem.read(b, 512) == data[3072:4096]
+        assert dev.bytes == 1024
     finally:
         pool.close()

@@ -108,3 +108,12 @@ def test_info_machine_lists_the_map() -> None:
     p = subprocess.run(pyvmm_cmd("info", "--machine"), capture_output=True, text=True,
                        check=True)
     assert "serial0" in p.stdout and "0x3f8" in p.stdout and "testdev" in p.stdout
+
+
+@pytest.mark.parametrize("args,text", [(["--msi", "polling"], "use irqfd or signal"),
+                                       (["--rng", "--rng-rate", "-5"], "positive number"),
+                                       (["--rng", "--rng-rate", "lots"], "is not a number")])
+def test_bad_msi_and_rng_rate(capsys: pytest.CaptureFixture[str], guests: Path,
+                              args: list[str], text: str) -> None:
+    rc, err = run_main(capsys, "run", "--kernel", str(guests / "hello.elf"), *args)
+    assert_one_line_error(rc, err, text)

@@ -23,6 +23,18 @@ FALLOC_FL_ZERO_RANGE = 0x10
 Buffers = Sequence[memoryview]
 
 
+def skip_buffers(bufs: Buffers, n: int) -> list[memoryview]:
+    """The buffers past their first ``n`` bytes (the rest of a partial transfer)."""
+    out = []
+    for b in bufs:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:])
+        n = 0
+    return out
+
+
 class BlockBackend(Protocol):
     size: int
     read_only: bool
@@ -31,9 +43,9 @@ class BlockBackend(Protocol):
 
     def writev(self, offset: int, bufs: Buffers) -> int: ...
 
-    def readv_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None: ...
+    def readv_nowait(self, offset: int, bufs: Buffers) -> int: ...
 
-    def writev_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None: ...
+    def writev_nowait(self, offset: int, bufs: Buffers) -> int: ...
 
     def flush(self) -> None: ...
 
@@ -65,31 +77,29 @@ class RawBlockBackend:
     def writev(self, offset: int, bufs: Buffers) -> int:
         return os.pwritev(self.fd, bufs, offset)
 
-    # Non-blocking attempts (RWF_NOWAIT): the whole transfer from/to the page cache, or
-    # None if any of it would wait for the disk (a short transfer counts as that; it is
-    # redone whole, which is harmless for reads and for rewriting the same bytes).
+    # Non-blocking attempts (RWF_NOWAIT): as much of the transfer as the page cache
+    # allows without waiting for the disk — all of it, part (a read that runs into an
+    # uncached page), or 0 (EAGAIN, or a file system without RWF_NOWAIT).
     _nowait = {"read": True, "write": True}
 
-    def _try(self, kind: str, fn: Callable[[], int], want: int) -> int | None:
+    def _try(self, kind: str, fn: Callable[[], int]) -> int:
         if not self._nowait[kind]:
-            return None
+            return 0
         try:
-            n = fn()
+            return fn()
         except BlockingIOError:
-            return None
+            return 0
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # not on this file system
                 self._nowait = {**self._nowait, kind: False}
-                return None
+                return 0
             raise
-        return n if n == want else None
 
-    def readv_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None:
-        return self._try("read", lambda: os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT), want)
+    def readv_nowait(self, offset: int, bufs: Buffers) -> int:
+        return self._try("read", lambda: os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT))
 
-    def writev_nowait(self, offset: int, bufs: Buffers, want: int) -> int | None:
-        return self._try("write", lambda: os.pwritev(self.fd, bufs, offset, os.RWF_NOWAIT),
-                         want)
+    def writev_nowait(self, offset: int, bufs: Buffers) -> int:
+        return self._try("write", lambda: os.pwritev(self.fd, bufs, offset, os.RWF_NOWAIT))
 
     def flush(self) -> None:
         os.fsync(self.fd)

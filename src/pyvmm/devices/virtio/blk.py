@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 
-from pyvmm.backends.block import BlockBackend
+from pyvmm.backends.block import BlockBackend, skip_buffers
 from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Virtqueue, VirtqueueError
@@ -34,6 +34,13 @@ MAX_DISCARD_SECTORS = 1 << 22
 MAX_DISCARD_SEG = 16
 _hdr = struct.Struct("<IIQ")
 _seg = struct.Struct("<QII")
+
+
+class _Deferred(Exception):  # control flow, not an error
+    """A transfer the page cache could not finish: the pool takes it from ``moved``."""
+
+    def __init__(self, moved: int) -> None:
+        self.moved = moved
 
 
 def _gather(mem: GuestMemory, descs: list[Descriptor], n: int) -> bytes:
@@ -106,11 +113,10 @@ class VirtioBlk(VirtioDevice):
         typ, _, sector = _hdr.unpack(header)
         rdata = self._skip(readable, 16)
         try:
-            done = self._serve(mem, typ, sector, rdata, wdata)
-            if done is None:
-                self._defer(mem, typ, sector, rdata, wdata, vq, chain, status_addr)
-                return None
-            status, written = done
+            status, written = self._serve(mem, typ, sector, rdata, wdata)
+        except _Deferred as d:
+            self._defer(mem, typ, sector, rdata, wdata, vq, chain, status_addr, d.moved)
+            return None
         except OSError as e:
             self._report(f"host I/O error: {e.strerror}")
             status, written = V.VIRTIO_BLK_S_IOERR, 0
@@ -137,46 +143,47 @@ class VirtioBlk(VirtioDevice):
         return nbytes % V.SECTOR_SIZE == 0 and sector + nbytes // V.SECTOR_SIZE <= self.capacity
 
     def _transfer(self, mem: GuestMemory, typ: int, sector: int, rdata: list[Descriptor],
-                  wdata: list[Descriptor], block: bool) -> tuple[int, int, int] | None:
-        """A read or write: (status, bytes written to guest memory, bytes moved); None
-        if ``block`` is off and it would wait for the disk."""
+                  wdata: list[Descriptor], block: bool,
+                  skip: int = 0) -> tuple[int, int, int, bool]:
+        """A read or write: (status, bytes written to guest memory, bytes moved, done).
+        With ``block`` off, only what the page cache serves without waiting is moved;
+        ``done`` is False if the rest must be finished blocking (``skip`` = moved)."""
         be = self.backend
         is_in = typ == V.VIRTIO_BLK_T_IN
         descs = wdata if is_in else rdata
         n = sum(d.len for d in descs)
         if (not is_in and be.read_only) or not self._range_ok(sector, n):
-            return V.VIRTIO_BLK_S_IOERR, 0, 0
-        views = [mem.view(d.addr, d.len) for d in descs if d.len]
-        off = sector * V.SECTOR_SIZE
+            return V.VIRTIO_BLK_S_IOERR, 0, 0, True
+        views = skip_buffers([mem.view(d.addr, d.len) for d in descs if d.len], skip)
+        off = sector * V.SECTOR_SIZE + skip
         if block:
-            got = be.readv(off, views) if is_in else be.writev(off, views)
+            got = skip + (be.readv(off, views) if is_in else be.writev(off, views))
         else:
-            try_ = be.readv_nowait if is_in else be.writev_nowait
-            fast = try_(off, views, n)
-            if fast is None:
-                return None
-            got = fast
+            got = skip + (be.readv_nowait(off, views) if is_in else be.writev_nowait(off, views))
+            if got < n:
+                return 0, 0, got, False
         return (V.VIRTIO_BLK_S_OK if got == n else V.VIRTIO_BLK_S_IOERR), (
-            got if is_in else 0), got
+            got if is_in else 0), got, True
 
     def _defer(self, mem: GuestMemory, typ: int, sector: int, rdata: list[Descriptor],
                wdata: list[Descriptor], vq: Virtqueue, chain: DescriptorChain,
-               status_addr: int) -> None:
-        """Serve a transfer that would block on a pool thread, then complete it there
-        under the device lock — unless the device was reset meanwhile (its queue is
-        gone), in which case the result is dropped as a reset device drops it."""
+               status_addr: int, skip: int) -> None:
+        """Finish a transfer that would block on a pool thread (from byte ``skip``, what
+        the page cache already served), then complete it there under the device lock —
+        unless the device was reset meanwhile (its queue is gone), in which case the
+        result is dropped as a reset device drops it."""
         assert self.pool is not None
         self.deferred += 1
 
         def work() -> None:
             try:
-                done = self._transfer(mem, typ, sector, rdata, wdata, block=True)
+                status, written, moved, _ = self._transfer(mem, typ, sector, rdata, wdata,
+                                                           block=True, skip=skip)
             except OSError as e:
                 self._report(f"host I/O error: {e.strerror}")
-                done = None
+                status, written, moved = V.VIRTIO_BLK_S_IOERR, 0, 0
             except GuestMemoryError:
-                done = None
-            status, written, moved = done or (V.VIRTIO_BLK_S_IOERR, 0, 0)
+                status, written, moved = V.VIRTIO_BLK_S_IOERR, 0, 0
             with self.core_lock:
                 if not self.queues or self.queues[0] is not vq:
                     return
@@ -193,14 +200,15 @@ class VirtioBlk(VirtioDevice):
         self.pool.submit(work)
 
     def _serve(self, mem: GuestMemory, typ: int, sector: int, rdata: list[Descriptor],
-               wdata: list[Descriptor]) -> tuple[int, int] | None:
+               wdata: list[Descriptor]) -> tuple[int, int]:
         be = self.backend
         if typ in (V.VIRTIO_BLK_T_IN, V.VIRTIO_BLK_T_OUT):
-            moved = self._transfer(mem, typ, sector, rdata, wdata, block=self.pool is None)
-            if moved is None:
-                return None
-            self.bytes += moved[2]
-            return moved[0], moved[1]
+            status, written, moved, finished = self._transfer(mem, typ, sector, rdata, wdata,
+                                                              block=self.pool is None)
+            if not finished:
+                raise _Deferred(moved)
+            self.bytes += moved
+            return status, written
         if typ == V.VIRTIO_BLK_T_FLUSH:
             if not be.read_only:
                 be.flush()
