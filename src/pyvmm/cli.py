@@ -116,6 +116,7 @@ def _info(a: argparse.Namespace) -> int:
 
 def _backend(a: argparse.Namespace) -> int:
     from pyvmm.backends.block import RawBlockBackend
+    from pyvmm.backends.io_pool import IoPool
     from pyvmm.devices.virtio.blk import VirtioBlk
     from pyvmm.vhost_user.backend import VhostUserServer
 
@@ -125,9 +126,11 @@ def _backend(a: argparse.Namespace) -> int:
         raise ConfigError("give one --disk for each --socket")
     server = VhostUserServer()
     backends = [RawBlockBackend(d, a.readonly) for d in a.disk]  # checks every image first
+    pool = IoPool()  # shared by every session: requests that would block on the disk
     for i, (path, be) in enumerate(zip(a.socket, backends, strict=True)):
         try:
-            server.listen(path, functools.partial(VirtioBlk, be, serial=f"pyvmm-vu{i}"))
+            server.listen(path, functools.partial(VirtioBlk, be, serial=f"pyvmm-vu{i}",
+                                                  pool=pool))
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
     return _serve(server, f"vhost-user-blk serving {len(backends)} image(s)")

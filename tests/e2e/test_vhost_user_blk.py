@@ -123,8 +123,10 @@ echo "SHA=$(sha256sum /tmp/p | cut -d' ' -f1)"
 
 def test_backend_killed_mid_io_and_restarted_loses_nothing(tmp_path: Path) -> None:
     """kill -9 of the backend while Linux writes; a new backend on the same socket; QEMU's
-    vhost-user-blk reconnects (chardev reconnect=1) and, with no inflight region offered,
-    restores each ring from its used index, so requests in flight are served again."""
+    vhost-user-blk reconnects (chardev reconnect=1), restores each ring's base from its
+    used index and hands the new backend the inflight region (INFLIGHT_SHMFD) the old
+    one kept, so the requests it had taken and not completed — which with the I/O pool
+    may have completed out of order — are served again, and no others."""
     import shutil as sh
     import signal
 
@@ -133,10 +135,13 @@ def test_backend_killed_mid_io_and_restarted_loses_nothing(tmp_path: Path) -> No
     img, sock = tmp_path / "d.img", tmp_path / "vu.sock"
     img.write_bytes(bytes(64 << 20))
 
+    logs: list[Path] = []
+
     def start() -> subprocess.Popen[bytes]:
-        p = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", "vhost-user-blk",
-                              "--socket", str(sock), "--disk", str(img)],
-                             stderr=subprocess.DEVNULL)
+        logs.append(tmp_path / f"backend{len(logs)}.log")
+        with logs[-1].open("wb") as log:
+            p = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", "vhost-user-blk",
+                                  "--socket", str(sock), "--disk", str(img)], stderr=log)
         deadline = time.monotonic() + 30
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -186,3 +191,6 @@ def test_backend_killed_mid_io_and_restarted_loses_nothing(tmp_path: Path) -> No
     assert "TCG-TEST-RC=0" in text and "WERR" not in text, text[-1500:]
     sha = re.search(r"SHA=([0-9a-f]{64})", text)
     assert sha and hashlib.sha256(img.read_bytes()[:32 << 20]).hexdigest() == sha.group(1)
+    restarted = logs[-1].read_text()
+    assert "Traceback" not in restarted, restarted
+    print("restarted backend:", restarted.strip() or "(nothing left in flight)")

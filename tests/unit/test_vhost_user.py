@@ -86,7 +86,36 @@ def test_handshake_and_config(served: tuple[VhostUserServer, Path, Path]) -> Non
 def test_full_data_path_with_memfd_kick_and_call(served: tuple[VhostUserServer, Path, Path],
                                                  tmp_path: Path) -> None:
     server, a, _ = served
-    fe = Frontend(server, a)
+    data_path(Frontend(server, a), Path(str(a)).parent / "d.img")
+
+
+def test_get_vring_base_waits_for_requests_in_the_io_pool(tmp_path: Path) -> None:
+    """With the I/O pool a read may still be in flight when the front end stops the
+    ring; GET_VRING_BASE answers only once it completed, so the base it returns has
+    every earlier request in the used ring (what QEMU restores from)."""
+    import threading
+
+    from pyvmm.backends.io_pool import IoPool
+    from tests.unit.test_blk_io_pool import ColdDisk
+
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(64 * 1024))
+    disk, pool = ColdDisk(str(img)), IoPool(workers=2)
+    server = VhostUserServer()
+    try:
+        server.listen(str(tmp_path / "a.sock"), lambda: VirtioBlk(disk, pool=pool))
+        opened = threading.Timer(0.3, disk.gate.set)
+        data_path(Frontend(server, tmp_path / "a.sock"), img, slow=opened)
+    finally:
+        server.close()
+        pool.close()
+
+
+def data_path(fe: Frontend, img: Path, slow: object | None = None) -> None:
+    """Mem table, one ring, one 512-byte read of sector 0 (sector 1 when not slow),
+    call eventfd, GET_VRING_BASE. With ``slow`` (a started-later gate), the read is
+    still in the pool when GET_VRING_BASE is sent."""
+    sector = 0 if slow is not None else 1
     with GuestMemory([(0, 2 << 20)]) as mem:
         region = next(mem.regions())
         dq = DriverQueue(mem, size=8)
@@ -104,16 +133,22 @@ def test_full_data_path_with_memfd_kick_and_call(served: tuple[VhostUserServer, 
         fe.send(Request.SET_VRING_CALL, struct.pack("<Q", 0), fds=[os.dup(call)])
         fe.send(Request.SET_VRING_KICK, struct.pack("<Q", 0), fds=[os.dup(kick)])
         fe.send(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 1))
-        hdr, buf, st = dq.alloc(struct.pack("<IIQ", 0, 0, 1)), dq.alloc(512), dq.alloc(b"\xff")
+        hdr = dq.alloc(struct.pack("<IIQ", 0, 0, sector))
+        buf, st = dq.alloc(512), dq.alloc(b"\xff")
         dq.add([(hdr, 16, False), (buf, 512, True), (st, 1, True)])
         os.eventfd_write(kick, 1)
         fe.pump()
-        assert dq.take_used() == [(0, 513)] and mem.read(st, 1) == b"\0"
-        assert os.eventfd_read(call) >= 1
-        img = Path(str(a)).parent / "d.img"
-        assert mem.read(buf, 512) == img.read_bytes()[512:1024]
+        if slow is not None:
+            assert dq.used_idx() == 0  # in the pool, waiting for the "disk"
+            slow.start()  # type: ignore[attr-defined]
+        else:
+            assert dq.take_used() == [(0, 513)]
         fe.send(Request.GET_VRING_BASE, struct.pack("<II", 0, 0))
         assert struct.unpack("<II", fe.reply()) == (0, 1)
+        if slow is not None:
+            assert dq.take_used() == [(0, 513)]  # complete before the base was returned
+        assert mem.read(st, 1) == b"\0" and os.eventfd_read(call) >= 1
+        assert mem.read(buf, 512) == img.read_bytes()[512 * sector:512 * sector + 512]
         os.close(kick)
         os.close(call)
 

@@ -29,8 +29,10 @@ from pyvmm.errors import GuestMemoryError
 from pyvmm.event import EventManager
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
+from pyvmm.vhost_user.inflight import InflightArea
 from pyvmm.vhost_user.protocol import (
     HEADER,
+    INFLIGHT,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_VRING_IDX_MASK,
     VHOST_USER_VRING_NOFD_MASK,
@@ -44,7 +46,8 @@ from pyvmm.vhost_user.protocol import (
 )
 
 PROTOCOL_FEATURES = (1 << ProtocolFeature.CONFIG) | (1 << ProtocolFeature.REPLY_ACK) | (
-    1 << ProtocolFeature.RESET_DEVICE) | (1 << ProtocolFeature.MQ)
+    1 << ProtocolFeature.RESET_DEVICE) | (1 << ProtocolFeature.MQ) | (
+    1 << ProtocolFeature.INFLIGHT_SHMFD)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Session:
         self.errors = OnceLog()
         self.messages = 0
         self.closed = False
+        self.inflight: InflightArea | None = None
         events.add(conn.fileno(), self._readable)
 
     # --- transport ----------------------------------------------------------------------
@@ -120,8 +124,13 @@ class Session:
             raise
         return Message(request, flags, payload, list(fds))
 
-    def _send(self, request: int, payload: bytes) -> None:
-        self.conn.sendall(encode_reply(request, payload))
+    def _send(self, request: int, payload: bytes, fds: list[int] | None = None) -> None:
+        data = encode_reply(request, payload)
+        if fds:
+            self.conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", fds).tobytes())])
+        else:
+            self.conn.sendall(data)
 
     def _readable(self, fd: int, ev: int) -> None:
         try:
@@ -194,6 +203,7 @@ class Session:
         elif req == R.GET_VRING_BASE:
             i, _ = m.vring_state()
             ring = self._ring(i)
+            self._drain()  # every request before the base we return is complete
             base = ring.vq.last_avail if ring.vq is not None else ring.base
             self._stop(ring)
             self._send(req, struct.pack("<II", i, base))
@@ -225,6 +235,29 @@ class Session:
             data = dev.config_bytes()[offset:offset + size].ljust(size, b"\0")
             self._send(req, struct.pack("<III", offset, size, 0) + data)
             ack = None
+        elif req == R.GET_INFLIGHT_FD:
+            _size, _off, nq, qs = m.inflight()
+            if nq != len(self.rings) or not qs or qs > max(dev.queue_max_sizes):
+                raise ProtocolError(f"inflight region for {nq} queues of {qs}")
+            self._set_inflight(InflightArea.create(nq, qs))
+            assert self.inflight is not None
+            self._send(req, INFLIGHT.pack(self.inflight.size, 0, nq, qs), [self.inflight.fd])
+            ack = None
+        elif req == R.SET_INFLIGHT_FD:
+            size, off, nq, qs = m.inflight()
+            if len(m.fds) != 1:
+                raise ProtocolError("SET_INFLIGHT_FD without its fd")
+            extra_fds = []
+            try:
+                area = InflightArea(m.fds[0], size, off, nq, qs)
+            except ProtocolError:
+                os.close(m.fds[0])
+                raise
+            if nq != len(self.rings):
+                area.close()
+                raise ProtocolError(f"inflight region for {nq} queues, device has "
+                                    f"{len(self.rings)}")
+            self._set_inflight(area)
         elif req == R.SET_CONFIG:
             offset, size, _flags, data = m.config()
             dev.write_config(offset, size, int.from_bytes(data[:8], "little"))
@@ -242,6 +275,7 @@ class Session:
             for fd in m.fds:
                 os.close(fd)
             raise ProtocolError(f"{len(regions)} regions but {len(m.fds)} fds")
+        self._drain()  # no pool thread may still be writing into the old mappings
         for ring in self.rings:
             self._stop(ring)
         self.mem.close()
@@ -276,9 +310,22 @@ class Session:
         if problem:
             raise ProtocolError(problem)
         dev = self.device
-        ring.vq = Virtqueue(self.mem, cfg, event_idx=dev.has(29), indirect=dev.has(28))
-        ring.vq.last_avail = ring.base
-        ring.vq.used_idx = ring.base
+        vq = ring.vq = Virtqueue(self.mem, cfg, event_idx=dev.has(29), indirect=dev.has(28))
+        vq.last_avail = ring.base
+        vq.used_idx = ring.base
+        idx = self.rings.index(ring)
+        if self.inflight is not None and self.protocol_features & (
+                1 << ProtocolFeature.INFLIGHT_SHMFD):
+            iq = self.inflight.queues[idx]
+            # What a predecessor took and never used is served again, first; the
+            # available ring continues after it (libvhost-user does the same).
+            vq.used_idx = vq.ring_used_idx()
+            vq.last_avail, heads = iq.recover(vq.used_idx, ring.num)
+            vq.resubmit.extend(heads)
+            vq.inflight = iq
+            if heads:
+                self.errors.warn("resubmit", f"vhost-user: ring {idx}: serving {len(heads)} "
+                                 "request(s) a previous back end left in flight")
         dev.activate(self.mem, [r.vq for r in self.rings], self.irq)
         self._kicked(self.rings.index(ring), drain=False)
 
@@ -295,7 +342,8 @@ class Session:
         if ring.vq is None:
             return
         try:
-            self.device.process_queue(index)
+            with self.device.core_lock:  # pool completions take it too (VirtioBlk)
+                self.device.process_queue(index)
         except (VirtqueueError, GuestMemoryError) as e:
             self.errors.warn("ring", f"vhost-user: ring {index}: {e}; ring stopped")
             ring.vq = None
@@ -303,7 +351,22 @@ class Session:
     def _stop(self, ring: Ring) -> None:
         ring.vq = None
 
+    def _set_inflight(self, area: InflightArea) -> None:
+        self._drain()
+        for ring in self.rings:  # running queues keep no pointer into the old region
+            if ring.vq is not None:
+                ring.vq.inflight = None
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = area
+
+    def _drain(self) -> None:
+        drain = getattr(self.device, "drain", None)
+        if drain is not None and not drain():
+            raise ProtocolError("device I/O did not finish within 30 s")
+
     def _reset(self) -> None:
+        self._drain()
         for ring in self.rings:
             self._stop(ring)
             ring.enabled, ring.addrs, ring.num, ring.base = False, None, 0, 0
@@ -313,6 +376,9 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        drain = getattr(self.device, "drain", None)
+        if drain is not None:
+            drain()  # before the memory the pool writes into is unmapped
         self.events.remove(self.conn.fileno())
         for ring in self.rings:
             if ring.kick is not None:
@@ -321,6 +387,11 @@ class Session:
             if ring.call is not None:
                 os.close(ring.call)
         self.device.reset()
+        for ring in self.rings:
+            ring.vq = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         self.mem.close()
         self.conn.close()
         self.on_close(self)

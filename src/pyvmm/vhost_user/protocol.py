@@ -19,6 +19,7 @@ VHOST_USER_VERSION_MASK = 0x3
 VHOST_USER_REPLY_MASK = 0x4
 VHOST_USER_NEED_REPLY_MASK = 0x8
 HEADER = struct.Struct("<III")
+INFLIGHT = struct.Struct("<QQHH4x")  # VhostUserInflight, padded as QEMU sends it
 MAX_PAYLOAD = 4096
 VHOST_USER_MAX_RAM_SLOTS = 8
 VHOST_USER_F_PROTOCOL_FEATURES = 30
@@ -47,6 +48,8 @@ class Request(enum.IntEnum):
     SET_VRING_ENABLE = 18
     GET_CONFIG = 24
     SET_CONFIG = 25
+    GET_INFLIGHT_FD = 31
+    SET_INFLIGHT_FD = 32
     RESET_DEVICE = 34
 
 
@@ -54,6 +57,7 @@ class ProtocolFeature(enum.IntEnum):
     MQ = 0
     REPLY_ACK = 3
     CONFIG = 9
+    INFLIGHT_SHMFD = 12
     RESET_DEVICE = 13
 
 
@@ -108,6 +112,12 @@ class Message:
             raise ProtocolError(f"memory table of {n} regions in {len(self.payload)} bytes")
         return [MemoryRegion(*struct.unpack_from("<QQQQ", self.payload, 8 + 32 * i))
                 for i in range(n)]
+
+    def inflight(self) -> tuple[int, int, int, int]:
+        """(mmap_size, mmap_offset, num_queues, queue_size) of VhostUserInflight."""
+        self._need(INFLIGHT.size)
+        size, offset, nq, qs = INFLIGHT.unpack(self.payload)
+        return size, offset, nq, qs
 
     def config(self) -> tuple[int, int, int, bytes]:
         self._need(12, exact=False)

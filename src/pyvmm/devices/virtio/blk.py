@@ -20,6 +20,7 @@ outside guest memory is a virtqueue violation: the core sets DEVICE_NEEDS_RESET.
 from __future__ import annotations
 
 import struct
+import threading
 
 from pyvmm.backends.block import BlockBackend, skip_buffers
 from pyvmm.backends.io_pool import IoPool
@@ -60,8 +61,10 @@ class VirtioBlk(VirtioDevice):
                  pool: IoPool | None = None) -> None:
         super().__init__()
         self.backend = backend
-        self.pool = pool  # None: every request is served inline (the vhost-user host)
+        self.pool = pool  # None: every request is served inline
         self.deferred = 0  # requests handed to the pool because they would block
+        self._inflight = 0
+        self._idle = threading.Condition(threading.Lock())
         self.serial = serial.encode()[:V.VIRTIO_BLK_ID_BYTES]
         self.features = ((1 << V.VIRTIO_F_VERSION_1) | (1 << V.VIRTIO_RING_F_EVENT_IDX)
                          | (1 << V.VIRTIO_RING_F_INDIRECT_DESC) | (1 << V.VIRTIO_BLK_F_SEG_MAX)
@@ -174,8 +177,18 @@ class VirtioBlk(VirtioDevice):
         result is dropped as a reset device drops it."""
         assert self.pool is not None
         self.deferred += 1
+        with self._idle:
+            self._inflight += 1
 
         def work() -> None:
+            try:
+                finish()
+            finally:
+                with self._idle:
+                    self._inflight -= 1
+                    self._idle.notify_all()
+
+        def finish() -> None:
             try:
                 status, written, moved, _ = self._transfer(mem, typ, sector, rdata, wdata,
                                                            block=True, skip=skip)
@@ -198,6 +211,13 @@ class VirtioBlk(VirtioDevice):
                 self.complete(vq, chain, written + 1)
 
         self.pool.submit(work)
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until no request is in the pool (before rings stop or guest memory is
+        unmapped: vhost-user's GET_VRING_BASE and SET_MEM_TABLE). Must not be called with
+        the device lock held, since completions take it. False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
     def _serve(self, mem: GuestMemory, typ: int, sector: int, rdata: list[Descriptor],
                wdata: list[Descriptor]) -> tuple[int, int]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyvmm.errors import GuestMemoryError, PyvmmError
 from pyvmm.memory import GuestMemory
@@ -27,6 +29,17 @@ from pyvmm.uapi import virtio as V
 _desc = struct.Struct("@QIHH")
 _u16 = struct.Struct("@H")
 _used_elem = struct.Struct("@II")
+
+
+class InflightLog(Protocol):
+    """Where a queue records the heads it took and has not yet used (vhost-user's
+    inflight region), so that a successor process can serve them again."""
+
+    def get(self, head: int) -> None: ...
+
+    def pre_put(self, head: int) -> None: ...
+
+    def post_put(self, head: int, used_idx: int) -> None: ...
 
 
 class VirtqueueError(PyvmmError):
@@ -132,6 +145,12 @@ class Virtqueue:
         self.desc_view, self.avail_view, self.used_view = views
         self._avail_idx = ctypes.c_uint16.from_buffer(self.avail_view, 2)
         self._used_idx = ctypes.c_uint16.from_buffer(self.used_view, 2)
+        self.inflight: InflightLog | None = None
+        self.resubmit: deque[int] = deque()  # heads a predecessor took: served first
+
+    def ring_used_idx(self) -> int:
+        """The used index as it is in guest memory (a restarted back end's truth)."""
+        return int(self._used_idx.value)
 
     def read(self, addr: int, n: int) -> bytes:
         try:
@@ -144,6 +163,8 @@ class Virtqueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None."""
+        if self.resubmit:
+            return DescriptorChain(self, self.resubmit.popleft())
         avail_idx = self.avail_idx()
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending == 0:
@@ -153,16 +174,22 @@ class Virtqueue:
         slot = self.last_avail % self.size
         head = int(_u16.unpack_from(self.avail_view, 4 + 2 * slot)[0])
         self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if self.inflight is not None and head < self.size:  # a bad head fails in the walk
+            self.inflight.get(head)
         if self.event_idx:
             # avail_event: ask to be notified when the driver adds past what we took.
             _u16.pack_into(self.used_view, 4 + 8 * self.size, self.last_avail)
         return DescriptorChain(self, head)
 
     def add_used(self, chain: DescriptorChain, written: int) -> None:
+        if self.inflight is not None:
+            self.inflight.pre_put(chain.head)
         slot = self.used_idx % self.size
         _used_elem.pack_into(self.used_view, 4 + 8 * slot, chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._used_idx.value = self.used_idx  # one 16-bit store; x86 TSO: entry lands first
+        if self.inflight is not None:
+            self.inflight.post_put(chain.head, self.used_idx)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for what was added since the last one."""
