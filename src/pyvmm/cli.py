@@ -56,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-pci-testdev", action="store_true",
                    help="leave the PCI test device (00:01.0) out")
     b = sub.add_parser("backend", help="serve a device to other VMMs (vhost-user)")
-    b.add_argument("kind", choices=["vhost-user-blk", "vfio-user"], help="what to serve")
-    b.add_argument("--tap", help="vfio-user virtio-net: the TAP to attach")
+    b.add_argument("kind", choices=["vhost-user-blk", "vhost-user-net", "vfio-user"],
+                   help="what to serve")
+    b.add_argument("--tap", help="vfio-user virtio-net: the TAP to attach; vhost-user-net: "
+                   "a TAP uplink on the switch")
+    b.add_argument("--port-rate", help="vhost-user-net: bytes/s each guest may send into "
+                   "the switch (frames over it are dropped)")
     b.add_argument("--device", choices=["pci-testdev", "virtio-blk", "virtio-net"],
                    default="virtio-blk",
                    help="vfio-user: the PCI function to export (default virtio-blk)")
@@ -122,6 +126,8 @@ def _backend(a: argparse.Namespace) -> int:
 
     if a.kind == "vfio-user":
         return _vfio_user(a)
+    if a.kind == "vhost-user-net":
+        return _vhost_user_net(a)
     if not a.disk or len(a.socket) != len(a.disk):
         raise ConfigError("give one --disk for each --socket")
     server = VhostUserServer()
@@ -134,6 +140,34 @@ def _backend(a: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
     return _serve(server, f"vhost-user-blk serving {len(backends)} image(s)")
+
+
+def _vhost_user_net(a: argparse.Namespace) -> int:
+    """One virtio-net per socket, all ports of one learning switch (plus a TAP uplink
+    with --tap): guests on different sockets reach each other through it."""
+    from pyvmm.backends.tap import Tap
+    from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.sharing.switch import Switch
+    from pyvmm.vhost_user.backend import VhostUserServer
+
+    if a.disk:
+        raise ConfigError("vhost-user-net takes no --disk")
+    rate = None if a.port_rate is None else parse_int(a.port_rate, "port-rate")
+    if rate is not None and rate <= 0:
+        raise ConfigError("port-rate must be a positive number of bytes per second")
+    server = VhostUserServer()
+    switch = Switch(server.events)
+    if a.tap:
+        switch.uplink(Tap(a.tap))
+    for i, path in enumerate(a.socket):
+        port = switch.port(path, rate)  # one port per socket, kept across reconnects
+        mac = bytes((0x52, 0x54, 0x00, 0x00, 0x01, i + 1))
+        try:
+            server.listen(path, functools.partial(VirtioNet, port, mac, server.events))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
+    return _serve(server, f"vhost-user-net: a switch with {len(a.socket)} port(s)"
+                  + (f" and uplink {a.tap}" if a.tap else ""))
 
 
 class _Server(Protocol):

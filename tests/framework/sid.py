@@ -52,16 +52,25 @@ def sid_root() -> Path:
     return root
 
 
-def qemu_in_sid(workdir: Path, args: list[str],
-                timeout: float) -> subprocess.CompletedProcess[bytes]:
-    """Run sid's qemu-system-x86_64 with ``workdir`` visible as /wd."""
+def _sid_command(workdir: Path, args: list[str]) -> list[str]:
     root = sid_root()
     quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
     script = (f"mount --bind '{workdir}' '{root}/wd' && mount -t proc proc '{root}/proc' && "
               f"mount --rbind /dev '{root}/dev' && exec chroot '{root}' "
               f"qemu-system-x86_64 {quoted}")
-    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                          capture_output=True, timeout=timeout)
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
+
+
+def qemu_in_sid(workdir: Path, args: list[str],
+                timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """Run sid's qemu-system-x86_64 with ``workdir`` visible as /wd."""
+    return subprocess.run(_sid_command(workdir, args), capture_output=True, timeout=timeout)
+
+
+def qemu_in_sid_popen(workdir: Path, args: list[str]) -> subprocess.Popen[bytes]:
+    """The same, started in the background (stdout and stderr together)."""
+    return subprocess.Popen(_sid_command(workdir, args), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
 
 
 def vfio_user_linux_args(socket_in_wd: str = "/wd/vfu.sock", append: str = "") -> list[str]:

@@ -8,7 +8,8 @@ how many, without it a frame must fit one chain (else it is dropped and counted)
 When the driver has posted no buffers, the pending frame is held and the TAP is not
 read again until the driver kicks the receive queue: backpressure, no loss.
 Offload features the driver accepts (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN, GUEST_UFO)
-are passed to the TAP with TUNSETOFFLOAD.
+are passed to the TAP with TUNSETOFFLOAD; a backend without offloads (a switch port)
+gets none of the checksum/TSO features offered.
 
 Threat model: transmit frames are capped at 65562 bytes (larger chains are dropped and
 counted); receive placement writes only to device-writable descriptors inside guest
@@ -18,8 +19,9 @@ RAM; a driver that never posts buffers only stops its own receive path.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
+from typing import Protocol
 
-from pyvmm.backends.tap import Tap
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 from pyvmm.event import EventManager
@@ -34,20 +36,34 @@ _OFFLOADS = ((V.VIRTIO_NET_F_GUEST_CSUM, T.TUN_F_CSUM), (V.VIRTIO_NET_F_GUEST_TS
              (V.VIRTIO_NET_F_GUEST_UFO, T.TUN_F_UFO))
 
 
+class NetBackend(Protocol):
+    """A TAP (``backends/tap.py``) or a switch port (``sharing/switch.py``): frames with
+    the 12-byte vnet header in front, readiness on ``fd``."""
+
+    fd: int
+
+    def set_offload(self, flags: int) -> None: ...
+
+    def read(self, n: int = ...) -> bytes | None: ...
+
+    def writev(self, bufs: Sequence[memoryview | bytes]) -> int: ...
+
+
 class VirtioNet(VirtioDevice):
     device_type = V.VIRTIO_ID_NET
     queue_max_sizes = (256, 256)
 
-    def __init__(self, tap: Tap, mac: bytes, events: EventManager) -> None:
+    def __init__(self, tap: NetBackend, mac: bytes, events: EventManager) -> None:
         super().__init__()
         self.tap, self.mac, self.events = tap, mac, events
+        offloads = (V.VIRTIO_NET_F_CSUM, V.VIRTIO_NET_F_GUEST_CSUM, V.VIRTIO_NET_F_GUEST_TSO4,
+                    V.VIRTIO_NET_F_GUEST_TSO6, V.VIRTIO_NET_F_GUEST_ECN,
+                    V.VIRTIO_NET_F_GUEST_UFO, V.VIRTIO_NET_F_HOST_TSO4,
+                    V.VIRTIO_NET_F_HOST_TSO6, V.VIRTIO_NET_F_HOST_ECN, V.VIRTIO_NET_F_HOST_UFO)
         self.features = sum(1 << b for b in (
             V.VIRTIO_F_VERSION_1, V.VIRTIO_RING_F_EVENT_IDX, V.VIRTIO_RING_F_INDIRECT_DESC,
             V.VIRTIO_NET_F_MAC, V.VIRTIO_NET_F_STATUS, V.VIRTIO_NET_F_MRG_RXBUF,
-            V.VIRTIO_NET_F_CSUM, V.VIRTIO_NET_F_GUEST_CSUM, V.VIRTIO_NET_F_GUEST_TSO4,
-            V.VIRTIO_NET_F_GUEST_TSO6, V.VIRTIO_NET_F_GUEST_ECN, V.VIRTIO_NET_F_GUEST_UFO,
-            V.VIRTIO_NET_F_HOST_TSO4, V.VIRTIO_NET_F_HOST_TSO6, V.VIRTIO_NET_F_HOST_ECN,
-            V.VIRTIO_NET_F_HOST_UFO))
+            *(offloads if getattr(tap, "offloads", True) else ())))
         self.pending: bytes | None = None
         self.watching = False
         self.tx_frames = self.rx_frames = self.rx_dropped = self.tx_dropped = 0

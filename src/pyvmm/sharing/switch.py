@@ -1,0 +1,157 @@
+"""A learning L2 switch between virtio-net devices (and optionally a TAP uplink).
+
+Each port is a datagram socketpair: the device end behaves like a TAP for
+``VirtioNet`` (``fd``, ``read``, ``writev``; frames carry the 12-byte
+virtio_net_hdr_v1 in front), the switch end sits on the switch's event loop. A frame
+read from a port teaches the switch its source MAC; it goes to the port that MAC was
+last seen on, or to every other port when the destination is unknown, broadcast or
+multicast. A frame never goes back out of the port it came in on.
+
+Sharing: a port may have a ``TokenBucket`` of bytes per second; frames over its rate
+are dropped and counted (policing, as a switch does), so one guest flooding the
+switch cannot take the others' share. A destination whose socket is full (its guest
+posts no receive buffers) drops the frame and counts it; nobody waits for a slow
+guest.
+
+Ports carry no offloads: a frame from one guest must be a frame any other guest can
+take, so ``offloads = False`` makes ``VirtioNet`` offer no checksum/TSO features.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pyvmm.backends.tap import Tap
+from pyvmm.event import EventManager
+from pyvmm.sharing.ratelimit import TokenBucket
+from pyvmm.uapi import virtio as V
+
+MAX_FRAME = 65562
+BROADCAST = b"\xff" * 6
+
+
+class SwitchPort:
+    """The device end of a port: what ``VirtioNet`` reads and writes."""
+
+    offloads = False
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock, self.name = sock, name
+        self.fd = sock.fileno()
+
+    def set_offload(self, flags: int) -> None:
+        pass  # no offloads: the features that would need them are not offered
+
+    def read(self, n: int = MAX_FRAME) -> bytes | None:
+        try:
+            return self.sock.recv(n)
+        except BlockingIOError:
+            return None
+
+    def writev(self, bufs: Sequence[memoryview | bytes]) -> int:
+        try:
+            return self.sock.sendmsg(bufs)
+        except BlockingIOError:
+            return 0  # the switch is behind: the frame is lost, as on a wire
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class PortStats:
+    name: str
+    rx_frames: int = 0  # into the switch from this port
+    tx_frames: int = 0  # out of the switch to this port
+    policed: int = 0
+    congested: int = 0
+
+
+@dataclass
+class _Port:
+    stats: PortStats
+    send: Callable[[bytes], object]  # raises BlockingIOError when the port is full
+    fd: int
+    recv: Callable[[], bytes | None]
+    limit: TokenBucket | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+
+class Switch:
+    def __init__(self, events: EventManager) -> None:
+        self.events = events
+        self.ports: list[_Port] = []
+        self.macs: dict[bytes, _Port] = {}
+        self.flooded = 0
+        self.malformed = 0
+
+    def port(self, name: str, rate: float | None = None) -> SwitchPort:
+        """A new port; ``rate`` caps what it may send into the switch (bytes/s)."""
+        dev, sw = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for s in (dev, sw):
+            s.setblocking(False)
+        p = _Port(PortStats(name), sw.send, sw.fileno(), lambda: _recv(sw),
+                  TokenBucket(rate) if rate else None, [sw.close])
+        self._add(p)
+        return SwitchPort(dev, name)
+
+    def uplink(self, tap: Tap) -> None:
+        """Connect a TAP (frames with the same vnet header) as one more port."""
+        p = _Port(PortStats(f"tap:{tap.name}"), lambda f: tap.writev([f]), tap.fd, tap.read)
+        self._add(p)
+
+    def _add(self, p: _Port) -> None:
+        self.ports.append(p)
+        self.events.add(p.fd, lambda _fd, _ev: self._readable(p))
+
+    def _readable(self, src: _Port) -> None:
+        for _ in range(64):  # a bounded batch, then let the loop serve others
+            frame = src.recv()
+            if not frame:
+                return
+            self._forward(src, frame)
+
+    def _forward(self, src: _Port, frame: bytes) -> None:
+        h = V.VIRTIO_NET_HDR_SIZE
+        if len(frame) < h + 14:
+            self.malformed += 1
+            return
+        src.stats.rx_frames += 1
+        if src.limit is not None and src.limit.take(len(frame)) < len(frame):
+            src.stats.policed += 1
+            return
+        dst_mac, src_mac = frame[h:h + 6], frame[h + 6:h + 12]
+        if not src_mac[0] & 1:
+            self.macs[src_mac] = src
+        dst = None if dst_mac[0] & 1 else self.macs.get(dst_mac)
+        if dst is src:
+            return
+        targets = [dst] if dst is not None else [p for p in self.ports if p is not src]
+        if dst is None:
+            self.flooded += 1
+        for p in targets:
+            try:
+                p.send(frame)
+                p.stats.tx_frames += 1
+            except (BlockingIOError, ConnectionRefusedError):
+                p.stats.congested += 1
+
+    def stats(self) -> list[PortStats]:
+        return [p.stats for p in self.ports]
+
+    def close(self) -> None:
+        for p in self.ports:
+            self.events.remove(p.fd)
+            for c in p.closers:
+                c()
+        self.ports = []
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.recv(MAX_FRAME)
+    except BlockingIOError:
+        return None
+
