@@ -1,7 +1,9 @@
 """pyvmm's PCI test device exported over vfio-user, driven from a Linux guest by a shell
 script with no driver at all: BARs through /dev/mem, config space through sysfs, a
 DMA copy between two pages the guest reserved (memmap=), and the completion
-interrupt by MSI-X. The MSI-X table is programmed by hand, so the interrupt lands on
+interrupt by MSI-X; and BAR4, shared memory the server offers as an mmap'able region,
+written by the guest without one message. The MSI-X table is programmed by hand, so the
+interrupt lands on
 a vector Linux has no handler for, which Linux itself reports in dmesg — proof that
 the device's MSI-X trigger went through the client's eventfd into the guest's LAPIC.
 """
@@ -58,6 +60,14 @@ echo "SUM=$(od -An -tu1 -v /tmp/src | awk '{for (i = 1; i <= NF; i++) s += $i} E
 dd if=/dev/mem of=/tmp/dst bs=4096 skip=$((DST / 4096)) count=1 2>/dev/null || exit 15
 cmp /tmp/src /tmp/dst && echo DMA-COPY-OK
 dmesg | grep "No irq handler for vector" | sed 's/^/IRQLOG /'
+# BAR4 is shared memory the client mapped into the guest: eight words written there
+# (byte sum 4 * (1 + ... + 8) = 144) must show in the device's SHM_SUM, while the device
+# counts no trapped BAR4 access.
+bar4=$(sed -n 5p $dev/resource | cut -d' ' -f1)
+k=1
+while [ $k -le 8 ]; do devmem $(($bar4 + 4 * k)) 32 $((0x01010101 * k)); k=$((k + 1)); done
+echo "SHMSUM=$(($(devmem $(($bar0 + 0x60)) 32)))"
+echo "SHMTRAPS=$(($(devmem $(($bar0 + 0x68)) 32)))"
 """.replace("VECTOR", str(VECTOR)).replace("DST", str(DST)).replace("SRC", str(SRC))
 
 
@@ -87,4 +97,7 @@ def test_testdev_dma_and_msix_from_a_guest_script(tmp_path: Path) -> None:
     assert dmasum and hostsum and int(dmasum.group(1)) == int(hostsum.group(1))
     assert "DMA-COPY-OK" in out  # the device wrote DST in guest RAM through DMA_MAP's fd
     assert re.search(rf"IRQLOG .*\.{VECTOR} No irq handler for vector", out), out[-1500:]
+    shm = re.search(r"SHMSUM=(\d+)", out)
+    assert shm and int(shm.group(1)) == 144  # the device saw the guest's writes
+    assert "SHMTRAPS=0" in out  # and none of them came as a message: BAR4 is mmapped
     assert b"Traceback" not in err

@@ -118,3 +118,25 @@ def test_kernel_chip_drops_msi_outside_lapic_window() -> None:
     chip.send_msi(MsiMessage(0x12345678, 0x41))
     chip.send_msi(MsiMessage(0xFEE00000, 0x41))
     assert vm.sent == [(0xFEE00000, 0x41)] and chip.msis_dropped == 1
+
+
+def test_testdev_shared_bar_traps_when_nobody_maps_it() -> None:
+    """Without a BarMapper (unit tests, ``pyvmm info``) BAR4 accesses arrive as BAR
+    accesses and are served from the same shared memory, and counted."""
+    from pyvmm.devices.pci.testdev import REG_SHM_FILL, REG_SHM_SUM, REG_SHM_TRAPS, PciTestDev
+    from pyvmm.irq.chip import RecordingMsiSink
+    from pyvmm.memory import GuestMemory
+
+    with GuestMemory([(0, 2 << 20)]) as mem:
+        dev = PciTestDev(mem, RecordingMsiSink())
+        try:
+            dev.write_bar(4, 0, 4, 0x01020304)
+            dev.write_bar(4, 1 << 20, 4, 0xFF)  # past the end: ignored
+            assert dev.read_bar(0, REG_SHM_SUM, 4) == 10
+            assert dev.read_bar(4, 0, 2) == 0x0304
+            assert dev.read_bar(0, REG_SHM_TRAPS, 4) == 3
+            dev.write_bar(0, REG_SHM_FILL, 4, 2)
+            assert dev.read_bar(4, 4092, 4) == 0x02020202
+            assert dev.bar_memory(4) is not None and dev.bar_memory(0) is None
+        finally:
+            dev.close()

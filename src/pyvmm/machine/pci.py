@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pyvmm.bus import Bus
+from pyvmm.devices.assigned.shmem import BarMapper
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.host_bridge import HostBridge
 from pyvmm.devices.pci.root import ConfigAddressPort, Ecam, PCIRoot, Window
@@ -17,15 +18,17 @@ from pyvmm.uapi import pci as P
 
 
 def build_pci(pio: Bus, mmio: Bus, mem: GuestMemory, msi: MsiSink,
-              testdev: bool = True, extra: Sequence[PCIDevice] = ()) -> PCIRoot:
-    """Host bridge at 00:00.0, the test device at 00:01.0, ``extra`` from 00:02.0 on."""
+              testdev: bool = True, extra: Sequence[PCIDevice] = (),
+              bar_mapper: BarMapper | None = None) -> PCIRoot:
+    """Host bridge at 00:00.0, the test device at 00:01.0, ``extra`` from 00:02.0 on.
+    ``bar_mapper`` maps shared-memory BARs into the guest (KVM memslots in a VM)."""
     root = PCIRoot(pio, mmio, Window(L.PCI_MEM_BASE, L.PCI_MEM_SIZE),
                    Window(L.PCI_IO_BASE, L.PCI_IO_SIZE))
     pio.insert(ConfigAddressPort(root), L.PCI_CONFIG_PORT, 8, "pci-config")
     mmio.insert(Ecam(root), L.PCI_ECAM_BASE, L.PCI_ECAM_SIZE, "pci-ecam")
     root.add(HostBridge(), L.PCI_HOST_BRIDGE_SLOT)
     if testdev:
-        root.add(PciTestDev(mem, msi), L.PCI_TESTDEV_SLOT)
+        root.add(PciTestDev(mem, msi, bar_mapper), L.PCI_TESTDEV_SLOT)
     for i, dev in enumerate(extra):
         root.add(dev, L.PCI_FIRST_FREE_SLOT + i)
     root.assign_bars()

@@ -57,6 +57,7 @@ from pyvmm.loader.image import BootImage, Format
 from pyvmm.machine import layout as L
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.fastpath import IoeventfdFastPath
+from pyvmm.machine.memslots import MemslotMapper
 from pyvmm.machine.pci import build_pci
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
@@ -144,8 +145,9 @@ class Machine:
         self.mmio.insert(self.testdev, L.TESTDEV_MMIO, 0x1000, "testdev")
         self.fast_path = IoeventfdFastPath(vm, self.events)
         self.virtio = self._virtio_devices()
+        self.memslots = MemslotMapper(vm, first_slot=len(list(self.mem.regions())))
         self.pci = build_pci(self.pio, self.mmio, self.mem, self.irqchip, cfg.pci_testdev,
-                             self.virtio)
+                             self.virtio, bar_mapper=self.memslots)
         for _, dev in self.pci.functions():
             pin_gsi = dev.config.data[0x3C] if dev.config.data[0x3D] else None
             if pin_gsi is not None:
@@ -472,6 +474,9 @@ class Machine:
             self.serial_io.close()
         if getattr(self, "console_io", None) is not None:
             self.console_io.close()  # type: ignore[union-attr]
+        if hasattr(self, "pci"):
+            for _, dev in self.pci.functions():
+                dev.close()  # before the VM: a shared BAR's memslot goes with it
         self.vm.close()
         self.mem.close()
         self.events.close()

@@ -2,7 +2,10 @@
 (QEMU's ``vfio-user-pci``) keeps the guest.
 
 - Config space (region 7) and every BAR (regions 0-5) are trapped: REGION_READ/WRITE
-  call the device's ``config_read/config_write`` and ``read_bar/write_bar`` by BAR index.
+  call the device's ``config_read/config_write`` and ``read_bar/write_bar`` by BAR index
+  — except a BAR backed by shared memory (``PCIDevice.bar_memory``): its region is
+  offered with VFIO_REGION_INFO_FLAG_MMAP and the memfd, the client maps it into the
+  guest, and the guest's accesses never become messages.
   BAR placement is the client's business (it emulates the BAR registers), so BAR moves
   the device reports are ignored here.
 - DMA_MAP with an fd maps that part of guest RAM into the device's ``GuestMemory`` at
@@ -67,6 +70,7 @@ class Session:
         self.errors = OnceLog()
         self.counts: dict[str, int] = {}
         self.closed = False
+        self._reply_fds: list[int] = []  # fds that ride along with the next reply
         msix = getattr(self.device, "msix", None)
         if msix is not None:
             msix.direct = self._msix_trigger
@@ -105,7 +109,12 @@ class Session:
                 self.conn.sendall(P.error_reply(msg_id, cmd, e.errno))
             return
         if taken and not flags & P.FLAG_NO_REPLY:
-            self.conn.sendall(P.reply(msg_id, cmd, out))
+            data, self._reply_fds, out_fds = P.reply(msg_id, cmd, out), [], self._reply_fds
+            if out_fds:
+                self.conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                            array.array("i", out_fds).tobytes())])
+            else:
+                self.conn.sendall(data)
 
     def _recv_exact(self, n: int, with_fds: bool = False) -> tuple[bytes, list[int]]:
         fds = array.array("i")
@@ -148,6 +157,11 @@ class Session:
             index = P.REGION_INFO.unpack_from(p)[2]
             size = self._region_size(index)
             flags = (P.VFIO_REGION_INFO_FLAG_READ | P.VFIO_REGION_INFO_FLAG_WRITE) if size else 0
+            shared = self.device.bar_memory(index) if index < 6 else None
+            if shared is not None:  # the client maps it into the guest: no messages
+                flags |= P.VFIO_REGION_INFO_FLAG_MMAP
+                self._reply_fds = [shared[0]]
+                return P.REGION_INFO.pack(P.REGION_INFO.size, flags, index, 0, size, shared[1])
             return P.REGION_INFO.pack(P.REGION_INFO.size, flags, index, 0, size, 0)
         if cmd == C.DEVICE_GET_IRQ_INFO:
             if len(p) < P.IRQ_INFO.size:

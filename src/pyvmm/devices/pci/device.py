@@ -55,3 +55,11 @@ class PCIDevice:
 
     def reset(self) -> None:
         """Function-level reset; devices extend this."""
+
+    def close(self) -> None:
+        """Release host resources (shared memory, fds); most devices have none."""
+
+    def bar_memory(self, index: int) -> tuple[int, int] | None:
+        """(fd, offset) if BAR ``index`` is shared memory a host may map into the guest
+        (vfio-user's mmap'able regions); None for trapped BARs."""
+        return None

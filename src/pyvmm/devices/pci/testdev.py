@@ -2,7 +2,8 @@
 
 Exercises everything PCI: BAR0 (4 KiB MMIO registers), BAR1 (MSI-X table + PBA,
 4 KiB), BAR2 (32-byte I/O window mirroring the scratch register), BAR4 (64-bit
-prefetchable 1 MiB memory, for sizing), an MSI capability (1 vector), MSI-X
+prefetchable 1 MiB of shared memory, mapped into the guest where the host can: see
+``devices/assigned/shmem.py``), an MSI capability (1 vector), MSI-X
 (2 vectors), INTx pin A, and a DMA engine that copies within guest memory.
 
 BAR0 registers (32-bit unless noted):
@@ -16,6 +17,9 @@ BAR0 registers (32-bit unless noted):
   0x50 DMA_LEN  RW  bytes (at most 1 MiB)
   0x58 DMA_CMD  WO  bit 0 start; bit 2 interrupt on completion
   0x5C DMA_SUM  RO  byte sum of the last transfer (proves the device read it)
+  0x60 SHM_SUM  RO  byte sum of the first 4 KiB of BAR4, as the device sees it
+  0x64 SHM_FILL WO  the device fills the first 4 KiB of BAR4 with this byte
+  0x68 SHM_TRAPS RO BAR4 accesses that reached the device model (0: mapped, no exits)
 Completion sets STATUS bit 8 (DMA_DONE) or bit 9 (DMA_ERROR: bus mastering off, a
 range outside guest RAM, or a length over the limit). The interrupt goes by MSI-X
 vector 0 when MSI-X is on, else MSI, else INTx — the order Linux drivers expect.
@@ -27,6 +31,7 @@ outside guest RAM. Length is capped, so one command costs at most 1 MiB of copyi
 
 from __future__ import annotations
 
+from pyvmm.devices.assigned.shmem import BarMapper, SharedMemoryBar
 from pyvmm.devices.pci.config_space import PCIConfigSpace
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.msi import MsiCapability
@@ -44,6 +49,8 @@ TESTDEV_ID = 0x5050ED01
 REG_ID, REG_SCRATCH = 0x00, 0x04
 REG_STATUS, REG_RAISE, REG_ACK = 0x20, 0x24, 0x28
 REG_DMA_SRC, REG_DMA_DST, REG_DMA_LEN, REG_DMA_CMD, REG_DMA_SUM = 0x40, 0x48, 0x50, 0x58, 0x5C
+REG_SHM_SUM, REG_SHM_FILL, REG_SHM_TRAPS = 0x60, 0x64, 0x68
+SHM_SIZE, SHM_WINDOW = 1 << 20, 4096
 DMA_CMD_START, DMA_CMD_IRQ = 0x1, 0x4
 STATUS_DMA_DONE, STATUS_DMA_ERROR = 0x100, 0x200
 DMA_MAX = 1 << 20
@@ -54,9 +61,12 @@ BAR_REGS, BAR_MSIX, BAR_IO, BAR_MEM64 = 0, 1, 2, 4
 class PciTestDev(PCIDevice):
     name = "pci-testdev"
 
-    def __init__(self, mem: GuestMemory, msi_sink: MsiSink) -> None:
+    def __init__(self, mem: GuestMemory, msi_sink: MsiSink,
+                 bar_mapper: BarMapper | None = None) -> None:
         super().__init__()
         self.mem = mem
+        self.shm = SharedMemoryBar(SHM_SIZE, "pyvmm-testdev-bar4")
+        self.shm.mapper = bar_mapper
         c = self.config = PCIConfigSpace(TESTDEV_VENDOR, TESTDEV_DEVICE, TESTDEV_CLASS,
                                          revision=1, subsystem_vendor_id=TESTDEV_VENDOR,
                                          subsystem_id=1)
@@ -64,7 +74,7 @@ class PciTestDev(PCIDevice):
         c.add_bar(BAR_REGS, 0x1000)
         c.add_bar(BAR_MSIX, 0x1000)
         c.add_bar(BAR_IO, 0x20, is_io=True)
-        c.add_bar(BAR_MEM64, 1 << 20, is_64bit=True, prefetchable=True)
+        c.add_bar(BAR_MEM64, SHM_SIZE, is_64bit=True, prefetchable=True)
         self.msi = MsiCapability(c, msi_sink, vectors=1)
         self.msix = MsixCapability(c, msi_sink, vectors=2, bar=BAR_MSIX)
         self.reset()
@@ -76,6 +86,12 @@ class PciTestDev(PCIDevice):
         self.dma_sum = 0
         self.interrupts = {"intx": 0, "msi": 0, "msix": 0}
         self.set_intx(False)
+
+    def close(self) -> None:
+        self.shm.close()
+
+    def bar_memory(self, index: int) -> tuple[int, int] | None:
+        return (self.shm.fd, 0) if index == BAR_MEM64 else None
 
     # --- interrupts --------------------------------------------------------------------
     def _interrupt(self) -> None:
@@ -90,7 +106,13 @@ class PciTestDev(PCIDevice):
             self.set_intx(self.status != 0)
 
     # --- BARs --------------------------------------------------------------------------
+    def bar_moved(self, index: int, new: int | None) -> None:
+        if index == BAR_MEM64:
+            self.shm.moved(new)
+
     def read_bar(self, index: int, offset: int, size: int) -> int:
+        if index == BAR_MEM64:
+            return self.shm.read(offset, size)
         if index == BAR_MSIX:
             return self.msix.read(offset, size)
         if index == BAR_IO:
@@ -102,6 +124,8 @@ class PciTestDev(PCIDevice):
             REG_STATUS: self.status, REG_DMA_SRC: self.dma_src, REG_DMA_SRC + 4: self.dma_src >> 32,
             REG_DMA_DST: self.dma_dst, REG_DMA_DST + 4: self.dma_dst >> 32,
             REG_DMA_LEN: self.dma_len, REG_DMA_SUM: self.dma_sum,
+            REG_SHM_SUM: sum(self.shm.map[:SHM_WINDOW]) & 0xFFFFFFFF,
+            REG_SHM_TRAPS: self.shm.trapped & 0xFFFFFFFF,
         }
         value = regs.get(offset & ~3, 0)
         if size == 8 and offset in (REG_DMA_SRC, REG_DMA_DST):
@@ -109,6 +133,9 @@ class PciTestDev(PCIDevice):
         return (value >> (8 * (offset & 3))) & ((1 << (8 * size)) - 1)
 
     def write_bar(self, index: int, offset: int, size: int, value: int) -> None:
+        if index == BAR_MEM64:
+            self.shm.write(offset, size, value)
+            return
         if index == BAR_MSIX:
             self.msix.write(offset, size, value)
             return
@@ -139,6 +166,8 @@ class PciTestDev(PCIDevice):
                 self.dma_src = new
             else:
                 self.dma_dst = new
+        elif offset == REG_SHM_FILL:
+            self.shm.map[:SHM_WINDOW] = bytes((value & 0xFF,)) * SHM_WINDOW
         elif offset == REG_DMA_LEN:
             self.dma_len = value & 0xFFFFFFFF
         elif offset == REG_DMA_CMD and value & DMA_CMD_START:
