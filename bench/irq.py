@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from exit_roundtrip import tsc_hz  # noqa: E402
 
 
-def pyvmm(guest: str, chip: str, cmdline: str,
-          msi: str = "irqfd") -> tuple[str, dict]:  # type: ignore[type-arg]
+def pyvmm(guest: str, chip: str, cmdline: str, msi: str = "irqfd",
+          ok: tuple[int, ...] = (0,)) -> tuple[str, dict]:  # type: ignore[type-arg]
     with tempfile.TemporaryDirectory() as d:
         js = Path(d) / "x.json"
         p = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-q", "--irqchip", chip,
@@ -37,7 +37,7 @@ def pyvmm(guest: str, chip: str, cmdline: str,
                             "--timeout", "120", "--kernel", str(GUESTS / f"{guest}.elf"),
                             "--cmdline", cmdline, "--exits-json", str(js)],
                            capture_output=True, text=True, timeout=300)
-        if p.returncode != 0:
+        if p.returncode not in ok:
             raise RuntimeError(f"{guest} {chip} {cmdline}: rc={p.returncode} {p.stdout[-300:]}")
         return p.stdout, json.loads(js.read_text())
 
@@ -71,7 +71,10 @@ def main() -> int:
         for chip in ("kernel", "split"):
             runs = []
             for ms in (0, 1000):
-                out, rep = pyvmm("pit_irq", chip, f"route={route} hz=1000 ms={ms} tsc_khz={khz}")
+                # rc 7: the guest counted more than 5% of ticks lost (coalesced while
+                # the host delayed the timer's thread); still a measurement here.
+                out, rep = pyvmm("pit_irq", chip, f"route={route} hz=1000 ms={ms} tsc_khz={khz}",
+                                 ok=(0, 7))
                 m = re.search(r"ticks=(\d+)", out)
                 assert m
                 runs.append((int(m.group(1)), sum(rep["exits"].values())))

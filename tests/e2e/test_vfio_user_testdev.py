@@ -1,7 +1,8 @@
 """pyvmm's PCI test device exported over vfio-user, driven from a Linux guest by a shell
 script with no driver at all: BARs through /dev/mem, config space through sysfs, a
 DMA copy between two pages the guest reserved (memmap=), and the completion
-interrupt by MSI-X; and BAR4, shared memory the server offers as an mmap'able region,
+interrupt by MSI-X, then one by MSI; and BAR4, shared memory the server offers as an
+mmap'able region,
 written by the guest without one message. The MSI-X table is programmed by hand, so the
 interrupt lands on
 a vector Linux has no handler for, which Linux itself reports in dmesg — proof that
@@ -24,6 +25,7 @@ from tests.framework import kit
 pytestmark = pytest.mark.qemu
 
 SRC, DST, VECTOR = 0x8000000, 0x8001000, 0xDF  # memmap=64K$SRC reserves both pages
+MSI_VECTOR = 0xDE
 SCRIPT = r"""
 dev=
 for d in /sys/bus/pci/devices/*; do
@@ -68,7 +70,19 @@ k=1
 while [ $k -le 8 ]; do devmem $(($bar4 + 4 * k)) 32 $((0x01010101 * k)); k=$((k + 1)); done
 echo "SHMSUM=$(($(devmem $(($bar0 + 0x60)) 32)))"
 echo "SHMTRAPS=$(($(devmem $(($bar0 + 0x68)) 32)))"
-""".replace("VECTOR", str(VECTOR)).replace("DST", str(DST)).replace("SRC", str(SRC))
+# MSI instead of MSI-X: MSI-X off, the MSI capability -> LAPIC 0, vector MSIVEC, enabled;
+# QEMU sees the enable, hands the server an eventfd for MSI, and RAISE interrupts by it.
+put16 $((p + 2)) $(( $(cfg $((p + 2)) 2) & 0x7fff ))
+m=$(cfg 0x34 1)
+while [ "$m" != 0 ] && [ "$(cfg $m 1)" != 5 ]; do m=$(cfg $((m + 1)) 1); done
+[ "$m" != 0 ] || exit 17
+put16 $((m + 4)) 0; put16 $((m + 6)) 0xFEE0; put16 $((m + 8)) 0; put16 $((m + 10)) 0
+put16 $((m + 12)) MSIVEC
+put16 $((m + 2)) $(( $(cfg $((m + 2)) 2) | 1 ))
+devmem $(($bar0 + 0x24)) 32 1
+sleep 1
+dmesg | grep "No irq handler for vector" | sed 's/^/IRQLOG2 /'
+""".replace("MSIVEC", str(MSI_VECTOR)).replace("VECTOR", str(VECTOR)).replace("DST", str(DST)).replace("SRC", str(SRC))
 
 
 def test_testdev_dma_and_msix_from_a_guest_script(tmp_path: Path) -> None:
@@ -100,4 +114,5 @@ def test_testdev_dma_and_msix_from_a_guest_script(tmp_path: Path) -> None:
     shm = re.search(r"SHMSUM=(\d+)", out)
     assert shm and int(shm.group(1)) == 144  # the device saw the guest's writes
     assert "SHMTRAPS=0" in out  # and none of them came as a message: BAR4 is mmapped
+    assert re.search(rf"IRQLOG2 .*\.{MSI_VECTOR} No irq handler for vector", out), out[-1500:]
     assert b"Traceback" not in err

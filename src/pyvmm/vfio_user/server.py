@@ -12,7 +12,8 @@
   its IOVA (= guest-physical address); maps without an fd (ROM, BIOS) are recorded but
   not accessible, and DMA there fails as any out-of-RAM address does. DMA_UNMAP removes.
 - DEVICE_SET_IRQS hands eventfds for INTx, MSI or MSI-X; the device's interrupts are
-  routed to them (MSI-X table emulation stays with the client).
+  routed to them while that index is enabled (MSI/MSI-X capability and table
+  emulation stay with the client).
 - DEVICE_RESET resets the device.
 
 Malformed requests (short payloads, unknown regions or IRQ indices, out-of-range
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
 import json
 import os
 import socket
@@ -71,9 +73,6 @@ class Session:
         self.counts: dict[str, int] = {}
         self.closed = False
         self._reply_fds: list[int] = []  # fds that ride along with the next reply
-        msix = getattr(self.device, "msix", None)
-        if msix is not None:
-            msix.direct = self._msix_trigger
         events.add(conn.fileno(), self._readable)
 
     # --- transport ------------------------------------------------------------------
@@ -288,10 +287,20 @@ class Session:
                 slots[i] = None
         if index == P.VFIO_PCI_INTX_IRQ_INDEX:
             self.intx.fd = slots[0] if slots else None
+        elif index in (P.VFIO_PCI_MSI_IRQ_INDEX, P.VFIO_PCI_MSIX_IRQ_INDEX):
+            # The client emulates the MSI/MSI-X capability; SET_IRQS says which one the
+            # guest enabled. While enabled (even before its eventfds arrive), the
+            # device's triggers go to the vectors' eventfds; disabled, the device falls
+            # back to its next interrupt mode, as a real function would.
+            on = bool(flags & P.VFIO_IRQ_SET_DATA_EVENTFD and count)
+            cap = getattr(self.device, "msi" if index == P.VFIO_PCI_MSI_IRQ_INDEX else "msix",
+                          None)
+            if cap is not None:
+                cap.direct = functools.partial(self._vector_trigger, index) if on else None
         return b""
 
-    def _msix_trigger(self, n: int) -> bool:
-        fds = self.irq_fds.get(P.VFIO_PCI_MSIX_IRQ_INDEX) or []
+    def _vector_trigger(self, index: int, n: int) -> bool:
+        fds = self.irq_fds.get(index) or []
         if 0 <= n < len(fds) and fds[n] is not None:
             os.eventfd_write(fds[n], 1)  # type: ignore[arg-type]
             return True

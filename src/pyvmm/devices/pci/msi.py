@@ -8,6 +8,7 @@ The guest programs address, data, mask and enable in config space; the device ca
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from pyvmm.devices.pci.config_space import PCIConfigSpace
 from pyvmm.irq.chip import MsiMessage, MsiSink, vector_sinks
@@ -20,6 +21,9 @@ class MsiCapability:
             raise ValueError("MSI vectors must be a power of two up to 32")
         self.config, self.sink, self.vectors = config, sink, vectors
         self._sinks = vector_sinks(sink, vectors)  # irqfd per vector where the chip has it
+        # Set while the device is exported (vfio-user) and the client has enabled MSI:
+        # the client emulates the capability, a trigger goes to the vector's eventfd.
+        self.direct: Callable[[int], bool] | None = None
         mmc = (vectors.bit_length() - 1) << 1
         flags = P.PCI_MSI_FLAGS_64BIT | P.PCI_MSI_FLAGS_MASKBIT | mmc
         # body: flags, addr lo, addr hi, data (+2 reserved), mask, pending
@@ -57,6 +61,8 @@ class MsiCapability:
 
     def trigger(self, n: int = 0) -> bool:
         """Signal vector ``n``; returns True if a message was sent."""
+        if self.direct is not None:
+            return self.direct(n)
         if not self.enabled or n >= self.vectors:
             return False
         if self._mask() & (1 << n):

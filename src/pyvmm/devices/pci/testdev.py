@@ -98,7 +98,7 @@ class PciTestDev(PCIDevice):
         if self.msix.enabled or self.msix.direct is not None:
             self.interrupts["msix"] += 1
             self.msix.trigger(0)
-        elif self.msi.enabled:
+        elif self.msi.enabled or self.msi.direct is not None:
             self.interrupts["msi"] += 1
             self.msi.trigger(0)
         else:
