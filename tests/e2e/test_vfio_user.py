@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
-from tests.framework import kit
 
 pytestmark = pytest.mark.qemu
 
@@ -33,13 +30,9 @@ grep virtio0-req /proc/interrupts | sed 's/^/IRQ /'
 
 
 def test_linux_virtio_blk_over_vfio_user(tmp_path: Path) -> None:
-    if not shutil.which("debootstrap") or not shutil.which("unshare"):
-        pytest.skip("debootstrap or unshare is not installed")
-    from tests.framework.sid import qemu_in_sid, vfio_user_linux_args
+    from tests.framework.sid import prepare_guest, qemu_in_sid, vfio_user_linux_args
 
-    k = kit.build()
-    shutil.copy(k.vmlinux, tmp_path / "vmlinux")
-    (tmp_path / "initrd.cpio").write_bytes(kit.initramfs(k, SCRIPT))
+    prepare_guest(tmp_path, {"initrd": SCRIPT})
     img, sock = tmp_path / "d.img", tmp_path / "vfu.sock"
     img.write_bytes(bytes(16 << 20))
     proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", "vfio-user", "--device",

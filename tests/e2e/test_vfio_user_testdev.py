@@ -12,7 +12,6 @@ the device's MSI-X trigger went through the client's eventfd into the guest's LA
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for_path
-from tests.framework import kit
 
 pytestmark = pytest.mark.qemu
 
@@ -82,17 +80,14 @@ put16 $((m + 2)) $(( $(cfg $((m + 2)) 2) | 1 ))
 devmem $(($bar0 + 0x24)) 32 1
 sleep 1
 dmesg | grep "No irq handler for vector" | sed 's/^/IRQLOG2 /'
-""".replace("MSIVEC", str(MSI_VECTOR)).replace("VECTOR", str(VECTOR)).replace("DST", str(DST)).replace("SRC", str(SRC))
+""".replace("MSIVEC", str(MSI_VECTOR)).replace("VECTOR", str(VECTOR)).replace(
+    "DST", str(DST)).replace("SRC", str(SRC))
 
 
 def test_testdev_dma_and_msix_from_a_guest_script(tmp_path: Path) -> None:
-    if not shutil.which("debootstrap") or not shutil.which("unshare"):
-        pytest.skip("debootstrap or unshare is not installed")
-    from tests.framework.sid import qemu_in_sid, vfio_user_linux_args
+    from tests.framework.sid import prepare_guest, qemu_in_sid, vfio_user_linux_args
 
-    k = kit.build()
-    shutil.copy(k.vmlinux, tmp_path / "vmlinux")
-    (tmp_path / "initrd.cpio").write_bytes(kit.initramfs(k, SCRIPT))
+    prepare_guest(tmp_path, {"initrd": SCRIPT})
     sock = tmp_path / "vfu.sock"
     proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", "vfio-user", "--device",
                              "pci-testdev", "--socket", str(sock)], stderr=subprocess.PIPE)

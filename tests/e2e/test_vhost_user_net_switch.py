@@ -8,7 +8,6 @@ host address, nothing leaves the backend process."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for_path
-from tests.framework import kit
 
 pytestmark = pytest.mark.qemu
 
@@ -52,12 +50,9 @@ def qemu_args(initrd: str, sock: str, mac: str) -> list[str]:
 
 
 def test_two_guests_ping_and_tcp_through_the_switch(tmp_path: Path) -> None:
-    if not shutil.which("debootstrap") or not shutil.which("unshare"):
-        pytest.skip("debootstrap or unshare is not installed")
-    from tests.framework.sid import qemu_in_sid_popen
+    from tests.framework.sid import prepare_guest, qemu_in_sid_popen
 
-    k = kit.build()
-    shutil.copy(k.vmlinux, tmp_path / "vmlinux")
+    prepare_guest(tmp_path, {"a": GUEST_A, "b": GUEST_B})
     socks = [tmp_path / "a.sock", tmp_path / "b.sock"]
     backend = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", "vhost-user-net",
                                 "--socket", str(socks[0]), "--socket", str(socks[1])],
@@ -65,12 +60,10 @@ def test_two_guests_ping_and_tcp_through_the_switch(tmp_path: Path) -> None:
     guests: list[subprocess.Popen[bytes]] = []
     try:
         assert all(wait_for_path(s) for s in socks), "backend did not start"
-        for name, script, sock, mac in (("a", GUEST_A, socks[0], "52:54:00:0a:00:01"),
-                                        ("b", GUEST_B, socks[1], "52:54:00:0b:00:02")):
-            initrd = tmp_path / f"{name}.cpio"
-            initrd.write_bytes(kit.initramfs(k, script))
+        for name, sock, mac in (("a", socks[0], "52:54:00:0a:00:01"),
+                                ("b", socks[1], "52:54:00:0b:00:02")):
             guests.append(qemu_in_sid_popen(tmp_path, qemu_args(
-                f"/wd/{initrd.name}", f"/wd/{sock.name}", mac)))
+                f"/wd/{name}.cpio", f"/wd/{sock.name}", mac)))
         outs = [g.communicate(timeout=240)[0].decode(errors="replace") for g in guests]
     finally:
         for g in guests:

@@ -82,3 +82,18 @@ def vfio_user_linux_args(socket_in_wd: str = "/wd/vfu.sock", append: str = "") -
             "-kernel", "/wd/vmlinux", "-initrd", "/wd/initrd.cpio",
             "-append", f"console=ttyS0 panic=-1 quiet {append}".strip(), "-device",
             '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"' + socket_in_wd + '"}}']
+
+
+def prepare_guest(workdir: Path, scripts: dict[str, str]) -> None:
+    """Skip unless the sid tree can be built here; put the kit's vmlinux and one
+    initramfs per ``{name: script}`` (``name``.cpio) into ``workdir`` (seen as /wd)."""
+    import pytest
+
+    from tests.framework import kit
+
+    if not shutil.which("debootstrap") or not shutil.which("unshare"):
+        pytest.skip("debootstrap or unshare is not installed")
+    k = kit.build()
+    shutil.copy(k.vmlinux, workdir / "vmlinux")
+    for name, script in scripts.items():
+        (workdir / f"{name}.cpio").write_bytes(kit.initramfs(k, script))

@@ -125,14 +125,7 @@ def data_path(fe: Frontend, img: Path, slow: object | None = None) -> None:
             "<QQQQ", 0, 2 << 20, UADDR, 0), fds=[os.dup(region.fd)],
             flags=VHOST_USER_NEED_REPLY_MASK)
         assert struct.unpack("<Q", fe.reply())[0] == 0  # acked
-        fe.send(Request.SET_VRING_NUM, struct.pack("<II", 0, 8))
-        fe.send(Request.SET_VRING_BASE, struct.pack("<II", 0, 0))
-        fe.send(Request.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, UADDR + dq.desc,
-                                                     UADDR + dq.used, UADDR + dq.avail, 0))
-        kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-        fe.send(Request.SET_VRING_CALL, struct.pack("<Q", 0), fds=[os.dup(call)])
-        fe.send(Request.SET_VRING_KICK, struct.pack("<Q", 0), fds=[os.dup(kick)])
-        fe.send(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 1))
+        kick, call = start_ring(fe, dq, base=0)
         hdr = dq.alloc(struct.pack("<IIQ", 0, 0, sector))
         buf, st = dq.alloc(512), dq.alloc(b"\xff")
         dq.add([(hdr, 16, False), (buf, 512, True), (st, 1, True)])
@@ -151,6 +144,20 @@ def data_path(fe: Frontend, img: Path, slow: object | None = None) -> None:
         assert mem.read(buf, 512) == img.read_bytes()[512 * sector:512 * sector + 512]
         os.close(kick)
         os.close(call)
+
+
+def start_ring(fe: Frontend, dq: DriverQueue, base: int) -> tuple[int, int]:
+    """Ring 0 over ``dq`` (memory table already sent): size, base, addresses, call and
+    kick eventfds, enable. Returns (kick, call)."""
+    fe.send(Request.SET_VRING_NUM, struct.pack("<II", 0, dq.size))
+    fe.send(Request.SET_VRING_BASE, struct.pack("<II", 0, base))
+    fe.send(Request.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, UADDR + dq.desc,
+                                                 UADDR + dq.used, UADDR + dq.avail, 0))
+    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    fe.send(Request.SET_VRING_CALL, struct.pack("<Q", 0), fds=[os.dup(call)])
+    fe.send(Request.SET_VRING_KICK, struct.pack("<Q", 0), fds=[os.dup(kick)])
+    fe.send(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 1))
+    return kick, call
 
 
 BAD = {

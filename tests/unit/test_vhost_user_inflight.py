@@ -21,6 +21,7 @@ from pyvmm.vhost_user.backend import VhostUserServer
 from pyvmm.vhost_user.inflight import InflightArea, queue_region_size
 from pyvmm.vhost_user.protocol import HEADER, INFLIGHT, ProtocolError, Request
 from tests.unit.test_vhost_user import UADDR, Frontend
+from tests.unit.test_vhost_user import start_ring as start_vring
 
 INFLIGHT_BIT = 1 << 12
 
@@ -45,15 +46,7 @@ def start_ring(fe: Frontend, mem: GuestMemory, dq: DriverQueue, base: int) -> tu
     region = next(mem.regions())
     fe.send(Request.SET_MEM_TABLE, struct.pack("<II", 1, 0) + struct.pack(
         "<QQQQ", 0, 2 << 20, UADDR, 0), fds=[os.dup(region.fd)])
-    fe.send(Request.SET_VRING_NUM, struct.pack("<II", 0, dq.size))
-    fe.send(Request.SET_VRING_BASE, struct.pack("<II", 0, base))
-    fe.send(Request.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, UADDR + dq.desc,
-                                                 UADDR + dq.used, UADDR + dq.avail, 0))
-    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-    fe.send(Request.SET_VRING_CALL, struct.pack("<Q", 0), fds=[os.dup(call)])
-    fe.send(Request.SET_VRING_KICK, struct.pack("<Q", 0), fds=[os.dup(kick)])
-    fe.send(Request.SET_VRING_ENABLE, struct.pack("<II", 0, 1))
-    return kick, call
+    return start_vring(fe, dq, base)
 
 
 def read_req(dq: DriverQueue, sector: int) -> int:
