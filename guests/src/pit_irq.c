@@ -40,8 +40,9 @@ int main(void)
     outb(0x43, 0x30);                 /* mode 0, no count written: channel stops */
     u64 want = hz * ms / 1000;
     printf("pit-irq route=%lu hz=%lu ms=%lu ticks=%u expected=%lu\n", route, hz, ms, n, want);
-    /* Never more than 1% over the programmed rate; up to 5% under it, because a host
-     * that deschedules the vCPU for longer than a period makes the timer coalesce
-     * ticks it could not deliver (KVM's PIT and pyvmm's alike). */
-    return (n * 100 <= want * 101 && n * 100 >= want * 95) ? 0 : 3;
+    /* Never more than 1% over the programmed rate. Under it only as far as a busy host
+     * makes ticks coalesce (a timer thread or the vCPU woken late): the rate itself is
+     * checked by the test from the device's own period count; here, that timer
+     * interrupts arrive at all at a plausible rate. */
+    return (n * 100 <= want * 101 && n * 2 >= want) ? 0 : 3;
 }

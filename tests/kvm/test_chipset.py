@@ -33,29 +33,38 @@ def run(guest: Path, chip: str, cmdline: str, js: Path | None = None
 @pytest.mark.parametrize("chip", ["kernel", "split"])
 @pytest.mark.parametrize("route", [1, 2], ids=["pic", "ioapic"])
 def test_pit_1khz_for_one_second(guests: Path, chip: str, route: int, tmp_path: Path) -> None:
+    """The guest programs 1 kHz and counts its timer interrupts over 1 s of its own TSC.
+    A userspace timer on a busy 2-core host gets woken late and coalesces periods
+    (seen: 828 of 1000 in a bench run), so the rate itself is checked where it cannot be
+    blurred by scheduling: the Python PIT's own count of periods (delivered + coalesced)
+    must be the programmed rate. The guest's count may be lower, never higher. KVM's
+    PIT (kernel chip) reinjects late ticks, so there the guest's count is the check."""
     js = tmp_path / "x.json"
     p = run(guests / "pit_irq.elf", chip, f"route={route} hz=1000 ms=1000 tsc_khz={tsc_khz()}",
             js)
     m = re.search(r"ticks=(\d+) expected=(\d+)", p.stdout)
     assert m, p.stdout + p.stderr
     ticks, want = int(m.group(1)), int(m.group(2))
-    # Never more ticks than the programmed rate allows (1%: the guest's own TSC window);
-    # fewer when the host deschedules the vCPU for longer than a tick and KVM's PIT
-    # coalesces what it could not inject: 986 of 1000 was seen on a CI machine busy
-    # with QEMU. A wrong divisor or mode is off by far more than 5%.
-    assert want * 95 // 100 <= ticks <= want * 101 // 100, p.stdout
-    assert p.returncode == 0
+    assert p.returncode == 0, p.stdout
+    assert ticks <= want * 101 // 100, p.stdout
     rep = json.loads(js.read_text())["irqchip"]
     if chip == "split":
-        assert rep["pit_ticks"] >= ticks
+        periods = rep["pit_ticks"] + rep["pit_missed"]  # armed a little before the window
+        assert want - 2 <= periods <= want * 101 // 100 + 2, rep  # +-2: window edges
+        assert ticks >= want // 2, p.stdout
         delivered = rep["pic_injected"] if route == 1 else rep["ioapic_delivered"]
-        assert delivered >= ticks
+        assert rep["pit_ticks"] >= ticks and delivered >= ticks
+    else:
+        # 986 of 1000 seen on a CI machine busy with QEMU; a wrong divisor or mode is off
+        # by far more than 5%.
+        assert ticks >= want * 95 // 100, p.stdout
 
 
 @pytest.mark.parametrize("chip", ["kernel", "split"])
-def test_rtc_time_and_periodic_interrupt(guests: Path, chip: str) -> None:
+def test_rtc_time_and_periodic_interrupt(guests: Path, chip: str, tmp_path: Path) -> None:
     before = int(time.time())
-    p = run(guests / "rtc.elf", chip, f"tsc_khz={tsc_khz()} ms=500")
+    js = tmp_path / "x.json"
+    p = run(guests / "rtc.elf", chip, f"tsc_khz={tsc_khz()} ms=500", js)  # 1024 Hz
     after = int(time.time())
     assert p.returncode == 0, p.stdout + p.stderr
     m = re.search(r"rtc (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)", p.stdout)
@@ -67,4 +76,10 @@ def test_rtc_time_and_periodic_interrupt(guests: Path, chip: str) -> None:
     t = re.search(r"periodic ticks=(\d+) expected=(\d+)", p.stdout)
     assert t
     n, want = int(t.group(1)), int(t.group(2))
-    assert want * 95 // 100 <= n <= want * 102 // 100  # fewer when ticks coalesce (PIT)
+    # The RTC is Python on both chips: its own period count (delivered + coalesced) is
+    # the rate; the guest's count may fall short when the host is busy (475 of 512 seen
+    # in CI), never exceed it.
+    rep = json.loads(js.read_text())["irqchip"]
+    periods = rep["rtc_periodic"] + rep["rtc_missed"]
+    assert want - 2 <= periods <= want * 102 // 100 + 8, rep  # +-2: window edges
+    assert want // 2 <= n <= want * 102 // 100, p.stdout

@@ -433,6 +433,7 @@ class Machine:
         if self.pit is not None:
             rep.update(pit_ticks=self.pit.ticks, pit_missed=self.pit.missed)
         rep["rtc_periodic"] = self.rtc.periodic_interrupts
+        rep["rtc_missed"] = self.rtc.periodic_missed
         return rep
 
     def write_exits_json(self, path: str) -> None:

@@ -60,6 +60,7 @@ class Rtc:
         self.cmos[RTC_REG_B] = RTC_24H
         self.cmos[RTC_REG_D] = RTC_VRT
         self.periodic_interrupts = 0
+        self.periodic_missed = 0
         self._last_second = -1
         self._set_memory(memory_bytes)
 
@@ -221,6 +222,9 @@ class Rtc:
         if b & RTC_PIE:
             self.cmos[RTC_REG_C] |= RTC_PF
             self.periodic_interrupts += 1
+            # Periods the event loop was too late for: one edge covers them (the
+            # interrupt controller would coalesce them anyway), and they are counted.
+            self.periodic_missed += expirations - 1
             fire = True
         if b & (RTC_UIE | RTC_AIE) and self._check_update():
             fire = True
