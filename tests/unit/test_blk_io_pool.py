@@ -155,3 +155,28 @@ def test_partial_cache_hit_leaves_only_the_rest_to_the_pool(mem: GuestMemory,
         assert dev.bytes == 1024
     finally:
         pool.close()
+
+
+def test_small_writes_stay_inline_where_nowait_writes_are_unsupported(image: Path) -> None:
+    """On a file system without RWF_NOWAIT for buffered writes, a small write is done
+    inline (a page-cache copy); a large one is left to the pool (returns 0)."""
+    import errno
+
+    be = RawBlockBackend(str(image))
+    real = os.pwritev
+
+    def no_nowait(fd: int, bufs: object, off: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real(fd, bufs, off)  # type: ignore[arg-type]
+
+    os.pwritev = no_nowait  # type: ignore[assignment]
+    try:
+        small = memoryview(bytearray(b"s" * 4096))
+        assert be.writev_nowait(0, [small]) == 4096
+        big = memoryview(bytearray(128 * 1024))
+        assert be.writev_nowait(0, [big]) == 0
+    finally:
+        os.pwritev = real
+        be.close()
+    assert image.read_bytes()[:4096] == b"s" * 4096

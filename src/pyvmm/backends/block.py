@@ -21,6 +21,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 Buffers = Sequence[memoryview]
+SMALL_WRITE = 64 * 1024  # see writev_nowait
 
 
 def skip_buffers(bufs: Buffers, n: int) -> list[memoryview]:
@@ -99,7 +100,13 @@ class RawBlockBackend:
         return self._try("read", lambda: os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT))
 
     def writev_nowait(self, offset: int, bufs: Buffers) -> int:
-        return self._try("write", lambda: os.pwritev(self.fd, bufs, offset, os.RWF_NOWAIT))
+        n = self._try("write", lambda: os.pwritev(self.fd, bufs, offset, os.RWF_NOWAIT))
+        if n == 0 and not self._nowait["write"] and sum(len(b) for b in bufs) <= SMALL_WRITE:
+            # No RWF_NOWAIT for buffered writes here (ext4 says EOPNOTSUPP): a small one
+            # is a copy into the page cache, cheaper inline than a thread hop; only
+            # writeback throttling could make it wait.
+            return os.pwritev(self.fd, bufs, offset)
+        return n
 
     def flush(self) -> None:
         os.fsync(self.fd)
