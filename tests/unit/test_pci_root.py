@@ -140,3 +140,37 @@ def test_testdev_shared_bar_traps_when_nobody_maps_it() -> None:
             assert dev.bar_memory(4) is not None and dev.bar_memory(0) is None
         finally:
             dev.close()
+
+
+def test_shared_bar_the_host_cannot_map_traps_instead() -> None:
+    """A guest that moves the shared BAR where the host refuses a mapping (onto RAM:
+    KVM says EEXIST) gets a BAR that traps and still works; the failure is counted."""
+    from pyvmm.devices.assigned.shmem import SharedMemoryBar
+    from pyvmm.errors import KvmError
+
+    class Refusing:
+        def __init__(self) -> None:
+            self.maps: list[int] = []
+
+        def map(self, gpa: int, size: int, host_addr: int) -> object:
+            if gpa < 1 << 30:
+                raise KvmError("KVM_SET_USER_MEMORY_REGION", 17)
+            self.maps.append(gpa)
+            return gpa
+
+        def unmap(self, handle: object) -> None:
+            self.maps.remove(handle)  # type: ignore[arg-type]
+
+    bar = SharedMemoryBar(1 << 20)
+    try:
+        bar.mapper = Refusing()
+        bar.moved(0x1000_0000)  # over "RAM"
+        assert bar.mapped_at is None and bar.map_failures == 1
+        bar.write(8, 4, 0xDEADBEEF)
+        assert bar.read(8, 4) == 0xDEADBEEF and bar.trapped == 2
+        bar.moved(0xE000_0000)
+        assert bar.mapped_at == 0xE000_0000 and bar.mapper.maps == [0xE000_0000]
+        bar.moved(None)
+        assert bar.mapper.maps == [] and bar.mapped_at is None
+    finally:
+        bar.close()
