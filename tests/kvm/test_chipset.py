@@ -50,7 +50,8 @@ def test_pit_1khz_for_one_second(guests: Path, chip: str, route: int, tmp_path: 
     rep = json.loads(js.read_text())["irqchip"]
     if chip == "split":
         periods = rep["pit_ticks"] + rep["pit_missed"]  # armed a little before the window
-        assert want - 2 <= periods <= want * 101 // 100 + 2, rep  # +-2: window edges
+        # -3%: periods still unread in the timerfd when the guest stops the timer are lost
+        assert want * 97 // 100 <= periods <= want * 101 // 100 + 2, rep
         assert ticks >= want // 2, p.stdout
         delivered = rep["pic_injected"] if route == 1 else rep["ioapic_delivered"]
         assert rep["pit_ticks"] >= ticks and delivered >= ticks
@@ -81,5 +82,6 @@ def test_rtc_time_and_periodic_interrupt(guests: Path, chip: str, tmp_path: Path
     # in CI), never exceed it.
     rep = json.loads(js.read_text())["irqchip"]
     periods = rep["rtc_periodic"] + rep["rtc_missed"]
-    assert want - 2 <= periods <= want * 102 // 100 + 8, rep  # +-2: window edges
+    # -3%: periods still unread in the timerfd when the guest stops the timer are lost
+    assert want * 97 // 100 <= periods <= want * 102 // 100 + 8, rep
     assert want // 2 <= n <= want * 102 // 100, p.stdout

@@ -174,3 +174,20 @@ def test_shared_bar_the_host_cannot_map_traps_instead() -> None:
         assert bar.mapper.maps == [] and bar.mapped_at is None
     finally:
         bar.close()
+
+
+def test_a_moved_bar_keeps_its_accounting(machine: tuple[IoBus, MmioBus, GuestMemory]
+                                          ) -> None:
+    """Counts are per BAR (offsets are BAR-relative), so turning decoding off and on or
+    moving the BAR must not lose what the exit table says about it."""
+    pio, mmio, mem = machine
+    root = build_pci(pio, mmio, mem, RecordingMsiSink())
+    bar0 = root.devices[(0, 1, 0)].config.bar_address(0)
+    assert mmio.read(bar0, 4) == 0x5050ED01
+    root.config_write(0, 1, 0, P.PCI_COMMAND, 2, 0)  # decoding off
+    root.config_write(0, 1, 0, 0x10, 4, bar0 + 0x100000)
+    root.config_write(0, 1, 0, P.PCI_COMMAND, 2, P.PCI_COMMAND_MEMORY)
+    assert mmio.read(bar0 + 0x100000, 4) == 0x5050ED01
+    r = mmio.find(bar0 + 0x100000)
+    assert r is not None and r.name == "pci-testdev.bar0" and r.reads == 2
+    assert r.access_counts() == {("r", 0, 4): 2}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pyvmm.bus import Bus
+from pyvmm.bus import Bus, BusRange
 from pyvmm.devices.pci.config_space import BarChange
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.errors import BusError
@@ -54,6 +54,7 @@ class PCIRoot:
         self.errors = OnceLog()
         self.bad_config_accesses = 0
         self.rejected_bars = 0
+        self._parked: dict[str, BusRange] = {}  # ranges of BARs not decoded right now
 
     def add(self, dev: PCIDevice, slot: int, function: int = 0) -> None:
         key = (0, slot, function)
@@ -119,7 +120,7 @@ class PCIRoot:
             if ch.old is not None:
                 r = bus.find(ch.old)
                 if r is not None and r.name == name:
-                    bus.remove(ch.old)
+                    self._parked[name] = bus.remove(ch.old)  # its counters live on
             if ch.new is None:
                 dev.bar_moved(ch.index, None)
                 continue
@@ -129,11 +130,15 @@ class PCIRoot:
                 dev.bar_moved(ch.index, None)
                 continue
             try:
-                bus.insert(BarWindow(dev, ch.index), ch.new, ch.size, name)
+                rng = bus.insert(BarWindow(dev, ch.index), ch.new, ch.size, name)
             except BusError:
                 self._reject(name, ch, "overlapping another device")
                 dev.bar_moved(ch.index, None)
                 continue
+            parked = self._parked.pop(name, None)
+            if parked is not None:  # a moved BAR keeps its accounting (offsets are BAR-relative)
+                rng.reads, rng.writes = parked.reads, parked.writes
+                rng.counts.update(parked.counts)
             dev.bar_moved(ch.index, ch.new)
 
     def _reject(self, name: str, ch: BarChange, why: str) -> None:
