@@ -5,7 +5,9 @@ against /dev/vda, backed over vhost-user by either pyvmm's backend (the VirtioBl
 the in-VMM device uses) or qemu-storage-daemon, on the same image file; runs are
 interleaved. dd reports its own throughput. The guest's CPU (TCG) bounds small blocks,
 so 4k numbers compare the backends only loosely; 1M numbers are backend-bound.
-Timing is the guest's /proc/uptime (10 ms resolution) around each dd.
+Timing is the guest's /proc/uptime (10 ms resolution) around each dd. The order
+alternates between rounds and every run starts after a sync, so no run inherits the
+other's writeback.
 
     python bench/vhost_user_blk.py [--rounds 3]
 """
@@ -13,6 +15,7 @@ Timing is the guest's /proc/uptime (10 ms resolution) around each dd.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -66,7 +69,10 @@ def main() -> int:
         with img.open("wb") as f:
             f.truncate(512 << 20)
         for r in range(a.rounds):
-            for kind in kinds:
+            # Alternate who goes first, and let the previous run's writeback finish, so
+            # neither backend inherits the other's dirty pages or the disk's queue.
+            for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+                os.sync()
                 sock = Path(d) / f"{kind}{r}.sock"
                 proc = start(kind, sock, img)
                 try:
