@@ -179,7 +179,8 @@ def test_descriptor_loop_needs_reset_and_does_not_hang(mem: GuestMemory) -> None
 
 
 @pytest.mark.parametrize("case", ["addr", "head", "next", "avail_jump", "nested_indirect",
-                                  "indirect_len"])
+                                  "indirect_len", "indirect_loop_in_a_huge_table",
+                                  "indirect_table_outside_ram"])
 def test_malformed_input_needs_reset(mem: GuestMemory, case: str) -> None:
     core, dq, _ = bring_up(VirtioRng(), mem)
     a = dq.alloc(8)
@@ -198,11 +199,40 @@ def test_malformed_input_needs_reset(mem: GuestMemory, case: str) -> None:
         dq.write_desc(t, 0, t, 16, V.VRING_DESC_F_INDIRECT, 0)
         dq.write_desc(dq.desc, 0, t, 16, V.VRING_DESC_F_INDIRECT, 0)
         dq.publish(0)
+    elif case == "indirect_loop_in_a_huge_table":
+        # 2 MiB of table (131072 entries) whose first two entries point at each other:
+        # the walk must stop after queue-size steps, not table-size steps.
+        t = 0x200000
+        dq.write_desc(t, 0, a, 8, V.VRING_DESC_F_WRITE | V.VRING_DESC_F_NEXT, 1)
+        dq.write_desc(t, 1, a, 8, V.VRING_DESC_F_WRITE | V.VRING_DESC_F_NEXT, 0)
+        dq.write_desc(dq.desc, 0, t, 2 << 20, V.VRING_DESC_F_INDIRECT, 0)
+        dq.publish(0)
+    elif case == "indirect_table_outside_ram":
+        dq.write_desc(dq.desc, 0, (4 << 20) - 16, 64, V.VRING_DESC_F_INDIRECT, 0)
+        dq.publish(0)
     else:
         dq.write_desc(dq.desc, 0, a, 7, V.VRING_DESC_F_INDIRECT, 0)
         dq.publish(0)
     core.notify(0)
     assert core.status & V.VIRTIO_CONFIG_S_NEEDS_RESET
+
+
+def test_a_loop_in_a_huge_indirect_table_stops_after_queue_size_steps(mem: GuestMemory) -> None:
+    """No chain may be longer than the queue (§2.7.5.3.1), so a loop in a 2 MiB indirect
+    table costs at most queue-size descriptor reads, not 131072."""
+    _, dq, _ = bring_up(VirtioRng(), mem)
+    from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
+
+    a, t = dq.alloc(8), 0x200000
+    dq.write_desc(t, 0, a, 8, V.VRING_DESC_F_WRITE | V.VRING_DESC_F_NEXT, 1)
+    dq.write_desc(t, 1, a, 8, V.VRING_DESC_F_WRITE | V.VRING_DESC_F_NEXT, 0)
+    dq.write_desc(dq.desc, 0, t, 2 << 20, V.VRING_DESC_F_INDIRECT, 0)
+    vq = Virtqueue(mem, dq.config(), indirect=True)
+    walked = 0
+    with pytest.raises(VirtqueueError, match="longer than the queue"):
+        for _ in DescriptorChain(vq, 0):
+            walked += 1
+    assert walked == dq.size
 
 
 @settings(max_examples=100, deadline=None)

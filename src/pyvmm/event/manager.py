@@ -62,10 +62,11 @@ class EventManager:
 
     def run_once(self, timeout: float | None = None) -> int:
         """Wait up to ``timeout`` seconds (None: forever); returns events handled."""
-        with self._lock:
-            if self._timers:
-                first = max(0.0, self._timers[0][0] - time.monotonic())
-                timeout = first if timeout is None else min(timeout, first)
+        if self._timers:  # unlocked peek: a timer added meanwhile also wakes the loop
+            with self._lock:
+                if self._timers:
+                    first = max(0.0, self._timers[0][0] - time.monotonic())
+                    timeout = first if timeout is None else min(timeout, first)
         try:
             ready = self._ep.poll(-1 if timeout is None else timeout)
         except InterruptedError:

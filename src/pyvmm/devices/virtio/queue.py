@@ -89,24 +89,27 @@ class DescriptorChain:
 
     def __iter__(self) -> Iterator[Descriptor]:
         q = self.queue
-        table, limit = q.desc, q.size
+        table, limit = q.desc_view, q.size
         index, seen, indirect = self.head, 0, False
+        # No chain may be longer than the queue (§2.7.5.3.1), indirect or not: this also
+        # bounds a loop in a huge indirect table to queue-size steps.
+        max_seen = q.size
         while True:
             if index >= limit:
                 raise VirtqueueError(f"descriptor index {index} beyond table of {limit}")
             seen += 1
-            if seen > limit:
-                raise VirtqueueError("descriptor chain longer than its table (a loop?)")
-            if indirect:
-                addr, length, flags, nxt = _desc.unpack(q.read(table + 16 * index, 16))
-            else:  # the main table: a view validated at activation
-                addr, length, flags, nxt = _desc.unpack_from(q.desc_view, 16 * index)
+            if seen > max_seen:
+                raise VirtqueueError("descriptor chain longer than the queue (a loop?)")
+            # The main table is a view validated at activation; an indirect table gets a
+            # view of its own when it is entered. Entries are read when walked, never
+            # validated ahead and trusted later.
+            addr, length, flags, nxt = _desc.unpack_from(table, 16 * index)
             if flags & V.VRING_DESC_F_INDIRECT:
                 if indirect or not q.indirect_ok:
                     raise VirtqueueError("nested or unnegotiated indirect descriptor")
                 if length == 0 or length % 16 or flags & V.VRING_DESC_F_NEXT:
                     raise VirtqueueError(f"bad indirect table length {length}")
-                table, limit, index, seen, indirect = addr, length // 16, 0, 0, True
+                table, limit, index, seen, indirect = q.view(addr, length), length // 16, 0, 0, True
                 continue
             yield Descriptor(addr, length, bool(flags & V.VRING_DESC_F_WRITE))
             if not flags & V.VRING_DESC_F_NEXT:
@@ -155,6 +158,13 @@ class Virtqueue:
     def read(self, addr: int, n: int) -> bytes:
         try:
             return self.mem.read(addr, n)
+        except GuestMemoryError as e:
+            raise VirtqueueError(str(e)) from None
+
+    def view(self, addr: int, n: int) -> memoryview:
+        """A view of guest memory (an indirect table); outside RAM is the driver's error."""
+        try:
+            return self.mem.view(addr, n)
         except GuestMemoryError as e:
             raise VirtqueueError(str(e)) from None
 
