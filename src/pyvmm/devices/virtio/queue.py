@@ -5,8 +5,9 @@ becomes a ``Virtqueue``. Chains are walked lazily and never validated up front a
 trusted later: each descriptor is read when it is used, every address is
 bounds-checked by ``GuestMemory``, an indirect table is followed once (an indirect
 descriptor inside one is an error), and a chain stops being walked after as many
-descriptors as the queue (or table) holds, so a loop cannot hang the device. Any
-violation raises :class:`VirtqueueError`; the core then sets DEVICE_NEEDS_RESET.
+descriptors as the queue holds (indirect tables too: §2.7.5.3.1), so a loop cannot
+hang the device. Any violation raises :class:`VirtqueueError`; the core then sets
+DEVICE_NEEDS_RESET.
 """
 
 from __future__ import annotations
