@@ -54,13 +54,19 @@ def read_req(dq: DriverQueue, sector: int) -> int:
     return dq.add([(hdr, 16, False), (dq.alloc(512), 512, True), (dq.alloc(b"\xff"), 1, True)])
 
 
-def test_running_back_end_keeps_the_region_current(tmp_path: Path, image: Path) -> None:
+def connect(tmp_path: Path, image: Path) -> tuple[VhostUserServer, Frontend]:
+    """A blk backend on a socket and a front end that negotiated INFLIGHT_SHMFD."""
     server = VhostUserServer()
     server.listen(str(tmp_path / "s"), lambda: VirtioBlk(RawBlockBackend(str(image))))
+    fe = Frontend(server, tmp_path / "s")
+    fe.send(Request.SET_FEATURES, struct.pack("<Q", (1 << 32) | (1 << 30)))
+    fe.send(Request.SET_PROTOCOL_FEATURES, struct.pack("<Q", INFLIGHT_BIT))
+    return server, fe
+
+
+def test_running_back_end_keeps_the_region_current(tmp_path: Path, image: Path) -> None:
+    server, fe = connect(tmp_path, image)
     try:
-        fe = Frontend(server, tmp_path / "s")
-        fe.send(Request.SET_FEATURES, struct.pack("<Q", (1 << 32) | (1 << 30)))
-        fe.send(Request.SET_PROTOCOL_FEATURES, struct.pack("<Q", INFLIGHT_BIT))
         fe.send(Request.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, 1, 8))
         payload, fd = reply_with_fd(fe)
         size, off, nq, qs = INFLIGHT.unpack(payload)
@@ -99,12 +105,8 @@ def test_successor_serves_what_the_crashed_back_end_left(tmp_path: Path, image: 
         struct.pack_into("<QHHHH", q, 0, 0, 1, 16, 6, 1)  # ... and recorded
         for head, counter in ((0, 10), (3, 11)):
             struct.pack_into("<B5xHQ", q, 16 + 16 * head, 1, 0, counter)
-        server = VhostUserServer()
-        server.listen(str(tmp_path / "s"), lambda: VirtioBlk(RawBlockBackend(str(image))))
+        server, fe = connect(tmp_path, image)
         try:
-            fe = Frontend(server, tmp_path / "s")
-            fe.send(Request.SET_FEATURES, struct.pack("<Q", (1 << 32) | (1 << 30)))
-            fe.send(Request.SET_PROTOCOL_FEATURES, struct.pack("<Q", INFLIGHT_BIT))
             fe.send(Request.SET_INFLIGHT_FD, INFLIGHT.pack(area.size, 0, 1, 16),
                     fds=[os.dup(area.fd)])
             kick, call = start_ring(fe, mem, dq, base=1)
