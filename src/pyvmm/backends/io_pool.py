@@ -25,7 +25,6 @@ from pyvmm.ratelimit_log import OnceLog
 class IoPool:
     def __init__(self, workers: int = 4, name: str = "blk-io") -> None:
         self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.submitted = 0
         self.escaped = 0
         self.errors = OnceLog()
         self._threads = [threading.Thread(target=self._run, name=f"{name}{i}", daemon=True)
@@ -34,7 +33,6 @@ class IoPool:
             t.start()
 
     def submit(self, work: Callable[[], None]) -> None:
-        self.submitted += 1
         self._q.put(work)
 
     def _run(self) -> None:

@@ -40,8 +40,7 @@ class GsiRouting:
     def alloc_gsi(self) -> int:
         if self._free:
             return self._free.pop()
-        allocated = self._next_gsi - FIRST_MSI_GSI - len(self._free)
-        if len(self._fixed) + allocated >= self.max_routes:
+        if len(self._fixed) + self._next_gsi - FIRST_MSI_GSI >= self.max_routes:
             raise RuntimeError("KVM GSI routing table is full")
         gsi, self._next_gsi = self._next_gsi, self._next_gsi + 1
         return gsi
@@ -72,7 +71,6 @@ class IrqfdMsi:
         self.gsi = routing.alloc_gsi()
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._routed: tuple[int, int] | None = None
-        self.route_updates = 0
         try:
             routing.vm.irqfd(self.fd, self.gsi)
         except BaseException:
@@ -84,7 +82,6 @@ class IrqfdMsi:
         if self._routed != (address, data):
             self.routing.set_msi(self.gsi, address, data)
             self._routed = (address, data)
-            self.route_updates += 1
         os.eventfd_write(self.fd, 1)
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ class MemslotMapper:
     def __init__(self, vm: Vm, first_slot: int, max_slots: int = 32) -> None:
         self.vm = vm
         self._free = list(range(first_slot + max_slots - 1, first_slot - 1, -1))
-        self.maps = 0
 
     def map(self, gpa: int, size: int, host_addr: int) -> object:
         if not self._free:
@@ -25,7 +24,6 @@ class MemslotMapper:
         except BaseException:
             self._free.append(slot)
             raise
-        self.maps += 1
         return (slot, gpa)
 
     def unmap(self, handle: object) -> None:

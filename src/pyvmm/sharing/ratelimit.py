@@ -25,7 +25,6 @@ class TokenBucket:
         self.clock = clock
         self._tokens = self.burst
         self._stamp = clock()
-        self.consumed = 0.0
         self.throttled = 0  # times a caller found the bucket empty
 
     def _refill(self) -> None:
@@ -44,7 +43,6 @@ class TokenBucket:
         if got < want:
             self.throttled += 1
         self._tokens -= got
-        self.consumed += got
         return got
 
     def delay_for(self, n: float) -> float:

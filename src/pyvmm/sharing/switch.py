@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyvmm.backends.tap import Tap
 from pyvmm.event import EventManager
@@ -29,7 +29,6 @@ from pyvmm.sharing.ratelimit import TokenBucket
 from pyvmm.uapi import virtio as V
 
 MAX_FRAME = 65562
-BROADCAST = b"\xff" * 6
 
 
 class SwitchPort:
@@ -76,7 +75,7 @@ class _Port:
     fd: int
     recv: Callable[[], bytes | None]
     limit: TokenBucket | None = None
-    closers: list[Callable[[], None]] = field(default_factory=list)
+    close: Callable[[], None] | None = None  # the switch end of a port; a TAP is not ours
 
 
 class Switch:
@@ -93,7 +92,7 @@ class Switch:
         for s in (dev, sw):
             s.setblocking(False)
         p = _Port(PortStats(name), sw.send, sw.fileno(), lambda: _recv(sw),
-                  TokenBucket(rate) if rate else None, [sw.close])
+                  TokenBucket(rate) if rate else None, sw.close)
         self._add(p)
         return SwitchPort(dev, name)
 
@@ -144,8 +143,8 @@ class Switch:
     def close(self) -> None:
         for p in self.ports:
             self.events.remove(p.fd)
-            for c in p.closers:
-                c()
+            if p.close is not None:
+                p.close()
         self.ports = []
 
 

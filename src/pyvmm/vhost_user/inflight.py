@@ -83,7 +83,6 @@ class InflightQueue:
         # 16-bit fields through ctypes: single stores, as for the rings themselves.
         self._last_batch = ctypes.c_uint16.from_buffer(view, 12)
         self._used_idx = ctypes.c_uint16.from_buffer(view, 14)
-        self.resubmitted = 0
 
     def release(self) -> None:
         del self._last_batch, self._used_idx
@@ -129,9 +128,6 @@ class InflightQueue:
             flag, _nxt, counter = _desc.unpack_from(self.view, self._flag(head))
             if flag:
                 taken.append((counter, head))
-        if len(taken) > ring_size:
-            raise ProtocolError("more inflight heads than ring entries")
         taken.sort()
         self.counter = taken[-1][0] + 1 if taken else 0
-        self.resubmitted += len(taken)
         return (ring_used_idx + len(taken)) & 0xFFFF, [h for _, h in taken]

@@ -19,7 +19,7 @@ class MsiCapability:
     def __init__(self, config: PCIConfigSpace, sink: MsiSink, vectors: int = 1) -> None:
         if vectors not in (1, 2, 4, 8, 16, 32):
             raise ValueError("MSI vectors must be a power of two up to 32")
-        self.config, self.sink, self.vectors = config, sink, vectors
+        self.config, self.vectors = config, vectors
         self._sinks = vector_sinks(sink, vectors)  # irqfd per vector where the chip has it
         # Set while the device is exported (vfio-user) and the client has enabled MSI:
         # the client emulates the capability, a trigger goes to the vector's eventfd.

@@ -24,7 +24,7 @@ class MsixCapability:
                  table_offset: int = 0, pba_offset: int | None = None) -> None:
         if not 1 <= vectors <= 2048:
             raise ValueError("MSI-X supports 1..2048 vectors")
-        self.config, self.sink, self.vectors, self.bar = config, sink, vectors, bar
+        self.config, self.vectors, self.bar = config, vectors, bar
         self._sinks = vector_sinks(sink, vectors)  # irqfd per vector where the chip has it
         self.table_offset = table_offset
         table_size = vectors * P.PCI_MSIX_ENTRY_SIZE

@@ -156,12 +156,6 @@ class Virtqueue:
         """The used index as it is in guest memory (a restarted back end's truth)."""
         return int(self._used_idx.value)
 
-    def read(self, addr: int, n: int) -> bytes:
-        try:
-            return self.mem.read(addr, n)
-        except GuestMemoryError as e:
-            raise VirtqueueError(str(e)) from None
-
     def view(self, addr: int, n: int) -> memoryview:
         """A view of guest memory (an indirect table); outside RAM is the driver's error."""
         try:
