@@ -110,8 +110,7 @@ class Session:
         if taken and not flags & P.FLAG_NO_REPLY:
             data, self._reply_fds, out_fds = P.reply(msg_id, cmd, out), [], self._reply_fds
             if out_fds:
-                self.conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                            array.array("i", out_fds).tobytes())])
+                socket.send_fds(self.conn, [data], out_fds)
             else:
                 self.conn.sendall(data)
 

@@ -16,6 +16,7 @@ closed; the process and other sessions go on.
 from __future__ import annotations
 
 import array
+import contextlib
 import functools
 import os
 import socket
@@ -127,8 +128,7 @@ class Session:
     def _send(self, request: int, payload: bytes, fds: list[int] | None = None) -> None:
         data = encode_reply(request, payload)
         if fds:
-            self.conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                        array.array("i", fds).tobytes())])
+            socket.send_fds(self.conn, [data], fds)
         else:
             self.conn.sendall(data)
 
@@ -376,9 +376,8 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        drain = getattr(self.device, "drain", None)
-        if drain is not None:
-            drain()  # before the memory the pool writes into is unmapped
+        with contextlib.suppress(ProtocolError):  # closing anyway: a timeout changes nothing
+            self._drain()  # before the memory the pool writes into is unmapped
         self.events.remove(self.conn.fileno())
         for ring in self.rings:
             if ring.kick is not None:
