@@ -87,3 +87,20 @@ def test_shared_memory_bar_is_mapped_into_the_guest(guests: Path, tmp_path: Path
     bar4 = [d for d in ranges if d["name"] == "pci-testdev.bar4"]
     assert bar4 and all(d["reads"] + d["writes"] == 0 for d in bar4)
     assert sum(rep["exits"].values()) < 2000  # boot and printing only, not 2**20 accesses
+
+
+def test_a_closed_machine_leaves_no_fds_behind(guests: Path) -> None:
+    """Irqfd vectors, the shared BAR's memfd and the KVM fds all close with the machine
+    (a backend or test that builds many VMs in one process must not leak)."""
+    import os
+
+    from pyvmm.machine.config import MachineConfig
+    from pyvmm.machine.vm import Machine
+
+    cfg = MachineConfig.from_dict({"kernel": str(guests / "pci_testdev.elf"), "quiet": True,
+                                   "serial": "none"})
+    before = len(os.listdir("/proc/self/fd"))
+    with Machine(cfg) as m:
+        assert m.run().exit_code == 0
+        assert m.irqchip.msis_by_irqfd == 5  # the vectors' irqfds were made
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -478,6 +478,8 @@ class Machine:
         if hasattr(self, "pci"):
             for _, dev in self.pci.functions():
                 dev.close()  # before the VM: a shared BAR's memslot goes with it
+        if hasattr(self, "irqchip"):
+            self.irqchip.close()
         self.vm.close()
         self.mem.close()
         self.events.close()
