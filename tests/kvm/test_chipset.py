@@ -37,8 +37,11 @@ def test_pit_1khz_for_one_second(guests: Path, chip: str, route: int, tmp_path: 
     A userspace timer on a busy 2-core host gets woken late and coalesces periods
     (seen: 828 of 1000 in a bench run), so the rate itself is checked where it cannot be
     blurred by scheduling: the Python PIT's own count of periods (delivered + coalesced)
-    must be the programmed rate. The guest's count may be lower, never higher. KVM's
-    PIT (kernel chip) reinjects late ticks, so there the guest's count is the check."""
+    against the periods due by the host clock while it was armed (``pit_due``). The
+    guest's window is not that span — the timer is armed before it starts and stopped by
+    an exit after it ends, which a descheduled vCPU delays (1036 periods for a 1000 ms
+    window seen in CI). The guest's count may be lower than its window, never higher.
+    KVM's PIT (kernel chip) reinjects late ticks, so there the guest's count is the check."""
     js = tmp_path / "x.json"
     p = run(guests / "pit_irq.elf", chip, f"route={route} hz=1000 ms=1000 tsc_khz={tsc_khz()}",
             js)
@@ -49,9 +52,10 @@ def test_pit_1khz_for_one_second(guests: Path, chip: str, route: int, tmp_path: 
     assert ticks <= want * 101 // 100, p.stdout
     rep = json.loads(js.read_text())["irqchip"]
     if chip == "split":
-        periods = rep["pit_ticks"] + rep["pit_missed"]  # armed a little before the window
+        periods, due = rep["pit_ticks"] + rep["pit_missed"], rep["pit_due"]
+        assert due >= want * 97 // 100, rep  # armed across the guest's window
         # -3%: periods still unread in the timerfd when the guest stops the timer are lost
-        assert want * 97 // 100 <= periods <= want * 101 // 100 + 2, rep
+        assert due * 97 // 100 - 2 <= periods <= due + 2, rep
         assert ticks >= want // 2, p.stdout
         delivered = rep["pic_injected"] if route == 1 else rep["ioapic_delivered"]
         assert rep["pit_ticks"] >= ticks and delivered >= ticks
@@ -81,7 +85,8 @@ def test_rtc_time_and_periodic_interrupt(guests: Path, chip: str, tmp_path: Path
     # the rate; the guest's count may fall short when the host is busy (475 of 512 seen
     # in CI), never exceed it.
     rep = json.loads(js.read_text())["irqchip"]
-    periods = rep["rtc_periodic"] + rep["rtc_missed"]
+    periods, due = rep["rtc_periodic"] + rep["rtc_missed"], rep["rtc_due"]
+    assert due >= want * 97 // 100, rep  # armed across the guest's window
     # -3%: periods still unread in the timerfd when the guest stops the timer are lost
-    assert want * 97 // 100 <= periods <= want * 102 // 100 + 8, rep
+    assert due * 97 // 100 - 2 <= periods <= due + 2, rep
     assert want // 2 <= n <= want * 102 // 100, p.stdout

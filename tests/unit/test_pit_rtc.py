@@ -51,6 +51,25 @@ def test_mode2_periodic_arms_host_timer_at_the_programmed_rate() -> None:
     assert irqs == [1] and p.missed == 2
 
 
+def test_periods_due_count_only_while_periodic() -> None:
+    """``due`` is the reference the rate checks use: host time armed in mode 2/3 over the
+    period, not counting time stopped or in a one-shot mode."""
+    bus, p, clock, _, _ = pit()
+    bus.write(0x43, 1, 0x34)
+    bus.write(0x40, 1, 1193 & 0xFF)
+    bus.write(0x40, 1, 1193 >> 8)  # ~1 ms periods
+    clock.ns += 250_000_000
+    assert 249 <= p.due.due() <= 250
+    bus.write(0x43, 1, 0x30)  # mode 0, no count: stopped
+    clock.ns += 10**9
+    assert 249 <= p.due.due() <= 250
+    bus.write(0x43, 1, 0x34)
+    bus.write(0x40, 1, 0x9B)
+    bus.write(0x40, 1, 0x2E)  # 11931: ~10 ms
+    clock.ns += 10**9
+    assert 348 <= p.due.due() <= 350
+
+
 def test_counter_latch_and_countdown() -> None:
     bus, _, clock, _, _ = pit()
     bus.write(0x43, 1, 0x30)  # ch0, lo/hi, mode 0

@@ -431,9 +431,10 @@ class Machine:
             rep.update(pic_injected=chip.injected, ioapic_delivered=chip.ioapic.delivered,
                        ioapic_eois=chip.eois, pic_spurious=chip.pic.spurious)
         if self.pit is not None:
-            rep.update(pit_ticks=self.pit.ticks, pit_missed=self.pit.missed)
-        rep["rtc_periodic"] = self.rtc.periodic_interrupts
-        rep["rtc_missed"] = self.rtc.periodic_missed
+            rep.update(pit_ticks=self.pit.ticks, pit_missed=self.pit.missed,
+                       pit_due=self.pit.due.due())
+        rep.update(rtc_periodic=self.rtc.periodic_interrupts, rtc_missed=self.rtc.periodic_missed,
+                   rtc_due=self.rtc.periodic_due.due())
         return rep
 
     def write_exits_json(self, path: str) -> None:

@@ -39,6 +39,32 @@ class NullTimer:
         pass
 
 
+class DuePeriods:
+    """How many periods a periodic host timer owed the guest by the host clock while it was
+    armed. ``delivered + missed`` is what the device produced; this is what it should have
+    produced, whatever the guest measured (its window, its TSC estimate) — the reference a
+    rate check needs. Armed and disarmed by the vCPU thread, read after the run."""
+
+    def __init__(self, clock: Callable[[], int]) -> None:
+        self.clock = clock
+        self._done = 0.0
+        self._since = 0
+        self._period = 0
+
+    def start(self, period_ns: int) -> None:
+        self.stop()
+        self._since, self._period = self.clock(), period_ns
+
+    def stop(self) -> None:
+        if self._period:
+            self._done += (self.clock() - self._since) / self._period
+            self._period = 0
+
+    def due(self) -> int:
+        running = (self.clock() - self._since) / self._period if self._period else 0.0
+        return int(self._done + running)
+
+
 class PitChannel:
     def __init__(self, clock: Callable[[], int]) -> None:
         self.clock = clock
@@ -166,6 +192,7 @@ class Pit:
         self.speaker = False
         self.ticks = 0
         self.missed = 0
+        self.due = DuePeriods(clock)  # periods owed in modes 2/3 (see DuePeriods)
         self.refresh = False
 
     def read(self, base: int, offset: int, size: int) -> int:
@@ -189,6 +216,7 @@ class Pit:
             self.channels[sel].control(value)
             if sel == 0 and (value >> 4) & 3:
                 self.timer.set(0)  # a new mode stops the counter until a count is written
+                self.due.stop()
             return
         if self.channels[offset].write(value) and offset == 0:
             self._arm()
@@ -198,8 +226,10 @@ class Pit:
         period = max(ch.period_ns(), MIN_PERIOD_NS)
         if ch.mode in (2, 3):
             self.timer.set(period, period)
+            self.due.start(period)
         else:
             self.timer.set(period)
+            self.due.stop()
 
     def on_timer(self, expirations: int) -> None:
         """Host timer fired (event loop): raise IRQ 0."""

@@ -23,7 +23,7 @@ import calendar
 import time
 from collections.abc import Callable
 
-from pyvmm.devices.legacy.pit import NullTimer, Timer
+from pyvmm.devices.legacy.pit import DuePeriods, NullTimer, Timer
 
 RTC_SECONDS, RTC_SECONDS_ALARM, RTC_MINUTES, RTC_MINUTES_ALARM = 0, 1, 2, 3
 RTC_HOURS, RTC_HOURS_ALARM, RTC_DAY_OF_WEEK, RTC_DAY_OF_MONTH = 4, 5, 6, 7
@@ -61,6 +61,7 @@ class Rtc:
         self.cmos[RTC_REG_D] = RTC_VRT
         self.periodic_interrupts = 0
         self.periodic_missed = 0
+        self.periodic_due = DuePeriods(time.monotonic_ns)
         self._last_second = -1
         self._set_memory(memory_bytes)
 
@@ -187,7 +188,10 @@ class Rtc:
         if b & RTC_PIE and self.periodic_ns():
             p = self.periodic_ns()
             self.timer.set(p, p)
-        elif b & (RTC_UIE | RTC_AIE):
+            self.periodic_due.start(p)
+            return
+        self.periodic_due.stop()
+        if b & (RTC_UIE | RTC_AIE):
             self.timer.set(100_000_000, 100_000_000)  # check update/alarm at 10 Hz
         else:
             self.timer.set(0)
