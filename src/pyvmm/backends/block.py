@@ -83,11 +83,12 @@ class RawBlockBackend:
     # uncached page), or 0 (EAGAIN, or a file system without RWF_NOWAIT).
     _nowait = {"read": True, "write": True}
 
-    def _try(self, kind: str, fn: Callable[[], int]) -> int:
+    def _try(self, kind: str, fn: Callable[[int, Buffers, int, int], int], bufs: Buffers,
+             offset: int) -> int:
         if not self._nowait[kind]:
             return 0
         try:
-            return fn()
+            return fn(self.fd, bufs, offset, os.RWF_NOWAIT)
         except BlockingIOError:
             return 0
         except OSError as e:
@@ -97,10 +98,10 @@ class RawBlockBackend:
             raise
 
     def readv_nowait(self, offset: int, bufs: Buffers) -> int:
-        return self._try("read", lambda: os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT))
+        return self._try("read", os.preadv, bufs, offset)
 
     def writev_nowait(self, offset: int, bufs: Buffers) -> int:
-        n = self._try("write", lambda: os.pwritev(self.fd, bufs, offset, os.RWF_NOWAIT))
+        n = self._try("write", os.pwritev, bufs, offset)
         if n == 0 and not self._nowait["write"] and sum(len(b) for b in bufs) <= SMALL_WRITE:
             # No RWF_NOWAIT for buffered writes here (ext4 says EOPNOTSUPP): a small one
             # is a copy into the page cache, cheaper inline than a thread hop; only
