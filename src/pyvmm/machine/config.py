@@ -76,10 +76,12 @@ class DiskConfig:
     path: str
     readonly: bool = False
     transport: str = "pci"
+    interface: str = "virtio"  # or "nvme": full emulation (transport is then PCI)
 
     @classmethod
     def parse(cls, spec: str | dict[str, Any]) -> DiskConfig:
-        """'path=IMG[,readonly=on][,transport=pci|mmio]' or the same as a JSON object."""
+        """'path=IMG[,readonly=on][,transport=pci|mmio][,if=virtio|nvme]' or the same as
+        a JSON object."""
         if isinstance(spec, dict):
             items = {str(k): str(v) for k, v in spec.items()}
         else:
@@ -89,7 +91,7 @@ class DiskConfig:
                 if not eq:
                     raise ConfigError(f"disk {spec!r}: expected key=value, got {part!r}")
                 items[key.strip()] = val.strip()
-        unknown = set(items) - {"path", "readonly", "transport"}
+        unknown = set(items) - {"path", "readonly", "transport", "if"}
         if unknown:
             raise ConfigError(f"disk {spec!r}: unknown key {sorted(unknown)[0]!r}")
         if not items.get("path"):
@@ -100,7 +102,13 @@ class DiskConfig:
         transport = items.get("transport", "pci")
         if transport not in ("pci", "mmio"):
             raise ConfigError(f"disk {spec!r}: transport must be pci or mmio")
-        return cls(items["path"], ro in ("on", "true"), transport)
+        interface = items.get("if", "virtio")
+        if interface not in ("virtio", "nvme"):
+            raise ConfigError(f"disk {spec!r}: if must be virtio or nvme")
+        if interface == "nvme" and transport != "pci":
+            raise ConfigError(f"disk {spec!r}: an NVMe controller is a PCI device "
+                              "(no transport=mmio)")
+        return cls(items["path"], ro in ("on", "true"), transport, interface)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pyvmm.devices.legacy.pic import Elcr
 from pyvmm.devices.legacy.pit import Pit, Port61
 from pyvmm.devices.legacy.rtc import Rtc
 from pyvmm.devices.legacy.uart import Serial
+from pyvmm.devices.nvme.controller import NvmeController
 from pyvmm.devices.pci.testdev import PciTestDev
 from pyvmm.devices.testdev import TestDev
 from pyvmm.devices.virtio.blk import VirtioBlk
@@ -147,7 +148,7 @@ class Machine:
         self.virtio = self._virtio_devices()
         self.memslots = MemslotMapper(vm, first_slot=len(list(self.mem.regions())))
         self.pci = build_pci(self.pio, self.mmio, self.mem, self.irqchip, cfg.pci_testdev,
-                             self.virtio, bar_mapper=self.memslots)
+                             [*self.virtio, *self.nvme], bar_mapper=self.memslots)
         for _, dev in self.pci.functions():
             pin_gsi = dev.config.data[0x3C] if dev.config.data[0x3D] else None
             if pin_gsi is not None:
@@ -180,9 +181,14 @@ class Machine:
             self.virtio_mmio.append(m)
 
         self.io_pool: IoPool | None = IoPool() if self.cfg.disks else None
+        self.nvme: list[NvmeController] = []
         for i, d in enumerate(self.cfg.disks):
             be = RawBlockBackend(d.path, d.readonly)
             self.block_backends.append(be)
+            if d.interface == "nvme":
+                self.nvme.append(NvmeController(be, self.mem, self.irqchip,
+                                                serial=f"pyvmm-nvme{i}"))
+                continue
             place(VirtioBlk(be, serial=f"pyvmm-disk{i}", pool=self.io_pool), d.transport)
         self.taps: list[Tap] = []
         for i, n in enumerate(self.cfg.nets):
@@ -415,6 +421,9 @@ class Machine:
                     "msix_bad_accesses": sum(
                         d.msix.bad_accesses for _, d in self.pci.functions()
                         if isinstance(d, PciTestDev))},
+            "nvme": [{"device": n.serial, "commands": n.commands, "bytes": n.bytes,
+                      "fatal": bool(n.csts & 2), "errors": dict(n.errors.counts)}
+                     for n in self.nvme],
             "serial": {"tx_bytes": self.serial.tx_bytes, "rx_dropped": self.serial.rx_dropped},
         }
 

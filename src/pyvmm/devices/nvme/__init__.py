@@ -1,0 +1,1 @@
+"""NVMe controller: full emulation of a PCIe SSD (see controller.py)."""
