@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", help="stop the VM after this many seconds (exit code 124)")
     r.add_argument("--quiet", "-q", action="store_true", help="no exit table or notices")
     r.add_argument("--disk", action="append",
-                   help="virtio-blk disk: path=IMG[,readonly=on][,transport=pci] (repeatable)")
+                   help="disk: path=IMG[,readonly=on][,transport=pci|mmio][,if=virtio|nvme] "
+                   "(repeatable)")
     r.add_argument("--rng", nargs="?", const="pci", choices=["pci", "mmio"],
                    help="add a virtio-rng device (optionally =mmio)")
     r.add_argument("--rng-rate", help="virtio-rng: at most this many bytes per second")
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a TAP uplink on the switch")
     b.add_argument("--port-rate", help="vhost-user-net: bytes/s each guest may send into "
                    "the switch (frames over it are dropped)")
-    b.add_argument("--device", choices=["pci-testdev", "virtio-blk", "virtio-net"],
+    b.add_argument("--device", choices=["pci-testdev", "virtio-blk", "virtio-net", "nvme"],
                    default="virtio-blk",
                    help="vfio-user: the PCI function to export (default virtio-blk)")
     b.add_argument("--socket", action="append", required=True,
@@ -192,6 +193,7 @@ def _serve(server: _Server, what: str) -> int:
 def _vfio_user(a: argparse.Namespace) -> int:
     from pyvmm.backends.block import RawBlockBackend
     from pyvmm.backends.tap import Tap
+    from pyvmm.devices.nvme.controller import NvmeController
     from pyvmm.devices.pci.device import PCIDevice
     from pyvmm.devices.pci.testdev import PciTestDev
     from pyvmm.devices.virtio.blk import VirtioBlk
@@ -206,9 +208,9 @@ def _vfio_user(a: argparse.Namespace) -> int:
         raise ConfigError("vfio-user serves one --socket")
     backend = None
     tap = None
-    if a.device == "virtio-blk":
+    if a.device in ("virtio-blk", "nvme"):
         if not a.disk or len(a.disk) != 1:
-            raise ConfigError("vfio-user virtio-blk needs one --disk")
+            raise ConfigError(f"vfio-user {a.device} needs one --disk")
         backend = RawBlockBackend(a.disk[0], a.readonly)
     if a.device == "virtio-net":
         if not a.tap:
@@ -225,6 +227,8 @@ def _vfio_user(a: argparse.Namespace) -> int:
             net = VirtioNet(tap, bytes.fromhex("525400123470"), events)
             return VirtioPciDevice(net, mem, RecordingMsiSink())
         assert backend is not None
+        if a.device == "nvme":
+            return NvmeController(backend, mem, RecordingMsiSink(), serial="pyvmm-vfu-nvme")
         return VirtioPciDevice(VirtioBlk(backend, serial="pyvmm-vfu"), mem, RecordingMsiSink())
 
     try:

@@ -226,16 +226,21 @@ class NvmeController(PCIDevice):
             self._interrupt(cq)
 
     # --- interrupts -------------------------------------------------------------------
+    def _msix_on(self) -> bool:
+        # Exported over vfio-user, the client emulates the capability and hands us
+        # eventfds (``direct``); the enable bit here then stays clear.
+        return self.msix.enabled or self.msix.direct is not None
+
     def _interrupt(self, cq: CompletionQueue) -> None:
         if not cq.irq_enabled:
             return
-        if self.msix.enabled:
+        if self._msix_on():
             self.msix.trigger(cq.vector)
         else:
             self._refresh_intx()
 
     def _refresh_intx(self) -> None:
-        if self.msix.enabled:
+        if self._msix_on():
             return
         level = not self.intms & 1 and any(q.irq_enabled and q.pending()
                                             for q in self.cqs.values())
