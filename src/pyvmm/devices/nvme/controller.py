@@ -29,6 +29,7 @@ import struct
 from collections.abc import Callable
 
 from pyvmm.backends.block import BlockBackend
+from pyvmm.devices.nvme import pages
 from pyvmm.devices.nvme.queues import (
     CMD_SIZE,
     CompletionQueue,
@@ -105,7 +106,7 @@ class NvmeController(PCIDevice):
             return self.msix.read(offset, size)
         if index != BAR_REGS:
             return 0
-        regs = {N.NVME_REG_CAP: self.cap, N.NVME_REG_VS: 0x00010200,
+        regs = {N.NVME_REG_CAP: self.cap, N.NVME_REG_VS: pages.VERSION,
                 N.NVME_REG_INTMS: self.intms, N.NVME_REG_INTMC: self.intms,
                 N.NVME_REG_CC: self.cc, N.NVME_REG_CSTS: self.csts,
                 N.NVME_REG_AQA: self.aqa, N.NVME_REG_ASQ: self.asq, N.NVME_REG_ACQ: self.acq}
@@ -292,32 +293,17 @@ class NvmeController(PCIDevice):
         return N.NVME_SC_INVALID_OPCODE, 0
 
     def _identify(self, cns: int, nsid: int, prp1: int, prp2: int) -> tuple[int, int]:
-        page = bytearray(4096)
         if cns == N.NVME_ID_CNS_CTRL:
-            struct.pack_into("<HH20s40s8s", page, 0, NVME_VENDOR, NVME_VENDOR,
-                             self.serial.encode()[:20].ljust(20), b"pyvmm NVMe".ljust(40),
-                             b"1.0".ljust(8))
-            page[77] = MDTS
-            struct.pack_into("<I", page, 80, 0x00010200)  # VER
-            page[258], page[259] = 3, AERL  # ACL, AERL
-            page[512], page[513] = 0x66, 0x44  # SQES, CQES: 64 and 16 bytes
-            struct.pack_into("<I", page, 516, 1)  # NN: one namespace
-            struct.pack_into("<H", page, 520, N.NVME_CTRL_ONCS_DSM | N.NVME_CTRL_ONCS_WRITE_ZEROES)
-            page[525] = N.NVME_CTRL_VWC_PRESENT
-            nqn = f"nqn.2026-12.io.pyvmm:nvme:{self.serial}".encode()[:255]
-            page[768:768 + len(nqn)] = nqn
+            page = pages.identify_controller(self.serial, NVME_VENDOR, MDTS, AERL)
         elif cns == N.NVME_ID_CNS_NS:
             if nsid not in (1, 0xFFFFFFFF):
                 return N.NVME_SC_INVALID_NS, 0
-            struct.pack_into("<QQQ", page, 0, self.nsze, self.nsze, self.nsze)
-            page[33] = 1  # DLFEAT: deallocated blocks read as zeroes
-            struct.pack_into("<I", page, 128, LBA_SHIFT << 16)  # LBAF0: 512-byte blocks
+            page = pages.identify_namespace(self.nsze, LBA_SHIFT)
         elif cns == N.NVME_ID_CNS_NS_ACTIVE_LIST:
-            if nsid < 1:
-                struct.pack_into("<I", page, 0, 1)
+            page = pages.active_namespaces(nsid)
         else:
             return N.NVME_SC_INVALID_FIELD, 0
-        self._to_guest(prp1, prp2, bytes(page))
+        self._to_guest(prp1, prp2, page)
         return N.NVME_SC_SUCCESS, 0
 
     def _queue_ok(self, qid: int, size: int, flags: int, base: int, entry: int,
@@ -374,18 +360,8 @@ class NvmeController(PCIDevice):
         return N.NVME_SC_SUCCESS, self.features.get(fid, default)
 
     def _log_page(self, lid: int, dwords: int, prp1: int, prp2: int) -> tuple[int, int]:
-        if lid == 0x01:  # error information: no errors
-            page = bytes(64)
-        elif lid == 0x02:  # SMART / health: 300 K, 100% spare, nothing else counted
-            buf = bytearray(512)
-            struct.pack_into("<BHBB", buf, 0, 0, 300, 100, 10)
-            page = bytes(buf)
-        elif lid == 0x03:  # firmware slots: slot 1 active with our revision
-            buf = bytearray(512)
-            buf[0] = 1
-            buf[8:16] = b"1.0".ljust(8)
-            page = bytes(buf)
-        else:
+        page = pages.log_page(lid)
+        if page is None:
             return N.NVME_SC_INVALID_LOG_PAGE, 0
         self._to_guest(prp1, prp2, page[:min(len(page), 4 * dwords)])
         return N.NVME_SC_SUCCESS, 0
