@@ -21,31 +21,21 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from blk import timed  # noqa: E402  (run, and the child's CPU seconds)
 from exit_roundtrip import tsc_hz  # noqa: E402
 
 OUT = ROOT / "guests" / "out"
 FEW = 20
 NVME = re.compile(r"nvme-bench reads=(\d+) p50_cycles=(\d+) p99_cycles=(\d+)")
 BLK = re.compile(r"iops=(\d+) mbps=(\d+) p50_us=(\d+) p99_us=(\d+)")
-
-
-def timed(cmd: list[str]) -> tuple[str, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed rc={p.returncode}: {p.stdout[-400:]}{p.stderr[-300:]}")
-    return p.stdout, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def guest(mode: str, n: int, khz: int) -> tuple[str, str]:

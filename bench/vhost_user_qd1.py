@@ -24,7 +24,6 @@ import shutil
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,14 +36,12 @@ from pyvmm.testing import DriverQueue  # noqa: E402
 from pyvmm.uapi import virtio as V  # noqa: E402
 from pyvmm.vhost_user.protocol import HEADER, Request, encode  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from vhost_user_blk import cpu_seconds, start  # noqa: E402  (the same two backends)
+
 UADDR = 0x7F0000000000
 RAM = 16 << 20
 IMAGE = 256 << 20
-
-
-def cpu_seconds(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Frontend:
@@ -61,26 +58,6 @@ class Frontend:
         self.send(req, payload)
         _r, _f, size = HEADER.unpack(self.sock.recv(HEADER.size, socket.MSG_WAITALL))
         return self.sock.recv(size, socket.MSG_WAITALL) if size else b""
-
-
-def start(kind: str, sock: Path, img: Path) -> subprocess.Popen[bytes]:
-    if kind == "pyvmm":
-        cmd = [sys.executable, "-m", "pyvmm", "backend", "vhost-user-blk", "--socket",
-               str(sock), "--disk", str(img)]
-    else:
-        cmd = ["qemu-storage-daemon", "--blockdev",
-               f"driver=file,node-name=f0,filename={img},cache.direct=off,aio=threads",
-               "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
-               f"addr.path={sock},writable=on,num-queues=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 30
-    while not sock.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not sock.exists():
-        p.kill()
-        raise SystemExit(f"{kind}: no socket after 30 s")
-    return p
 
 
 def run(kind: str, d: Path, img: Path, requests: int) -> tuple[float, float, float]:

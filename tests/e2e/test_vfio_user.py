@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,22 +27,12 @@ grep virtio0-req /proc/interrupts | sed 's/^/IRQ /'
 
 
 def test_linux_virtio_blk_over_vfio_user(tmp_path: Path) -> None:
-    from tests.framework.sid import prepare_guest, qemu_in_sid, vfio_user_linux_args
+    from tests.framework.sid import linux_with_vfio_user, prepare_guest
 
     prepare_guest(tmp_path, {"initrd": SCRIPT})
     img, sock = tmp_path / "d.img", tmp_path / "vfu.sock"
     img.write_bytes(bytes(16 << 20))
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", "vfio-user", "--device",
-                             "virtio-blk", "--disk", str(img), "--socket", str(sock)],
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        r = qemu_in_sid(tmp_path, vfio_user_linux_args(), timeout=240)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    r, _ = linux_with_vfio_user(tmp_path, ["--device", "virtio-blk", "--disk", str(img)])
     out = r.stdout.decode(errors="replace")
     assert "TCG-TEST-RC=0" in out, out[-1500:] + r.stderr.decode(errors="replace")[-800:]
     sha = re.search(r"SHA=([0-9a-f]{64})", out)

@@ -97,3 +97,25 @@ def prepare_guest(workdir: Path, scripts: dict[str, str]) -> None:
     shutil.copy(k.vmlinux, workdir / "vmlinux")
     for name, script in scripts.items():
         (workdir / f"{name}.cpio").write_bytes(kit.initramfs(k, script))
+
+
+def linux_with_vfio_user(workdir: Path, device: list[str], timeout: int = 240
+                         ) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
+    """Serve ``pyvmm backend vfio-user <device...> --socket workdir/vfu.sock`` from its own
+    process, boot the kit in ``workdir`` (see ``prepare_guest``) with one vfio-user-pci
+    device on it, stop the server. Returns QEMU's result and the server's stderr."""
+    import sys
+    import time
+
+    sock = workdir / "vfu.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "backend", "vfio-user", *device,
+                             "--socket", str(sock)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = qemu_in_sid(workdir, vfio_user_linux_args(), timeout=timeout)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    return r, err
