@@ -149,26 +149,30 @@ def test_partial_cache_hit_leaves_only_the_rest_to_the_pool(mem: GuestMemory,
     assert dev.bytes == 1024
 
 
-def test_small_writes_stay_inline_where_nowait_writes_are_unsupported(image: Path) -> None:
-    """On a file system without RWF_NOWAIT for buffered writes, a small write is done
-    inline (a page-cache copy); a large one is left to the pool (returns 0)."""
+def test_writes_go_to_the_pool_where_nowait_writes_are_unsupported(image: Path) -> None:
+    """On a file system without RWF_NOWAIT for buffered writes, writev_nowait moves
+    nothing (the pool does the write), small or large, and remembers not to try again."""
     import errno
 
     be = RawBlockBackend(str(image))
-    real = os.pwritev
+    real, tries = os.pwritev, []
 
     def no_nowait(fd: int, bufs: object, off: int, flags: int = 0) -> int:
+        tries.append(flags)
         if flags & os.RWF_NOWAIT:
             raise OSError(errno.EOPNOTSUPP, "not supported")
         return real(fd, bufs, off)  # type: ignore[arg-type]
 
+    before = image.read_bytes()
     os.pwritev = no_nowait  # type: ignore[assignment]
     try:
         small = memoryview(bytearray(b"s" * 4096))
-        assert be.writev_nowait(0, [small]) == 4096
+        assert be.writev_nowait(0, [small]) == 0
         big = memoryview(bytearray(128 * 1024))
         assert be.writev_nowait(0, [big]) == 0
+        assert be.writev(0, [small]) == 4096  # what the pool thread does
     finally:
         os.pwritev = real
         be.close()
-    assert image.read_bytes()[:4096] == b"s" * 4096
+    assert tries == [os.RWF_NOWAIT, 0]  # one attempt, then no more NOWAIT tries
+    assert image.read_bytes()[:4096] == b"s" * 4096 and image.read_bytes()[4096:] == before[4096:]

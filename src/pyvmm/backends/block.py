@@ -21,7 +21,6 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 Buffers = Sequence[memoryview]
-SMALL_WRITE = 64 * 1024  # see writev_nowait
 
 
 def skip_buffers(bufs: Buffers, n: int) -> list[memoryview]:
@@ -101,13 +100,11 @@ class RawBlockBackend:
         return self._try("read", os.preadv, bufs, offset)
 
     def writev_nowait(self, offset: int, bufs: Buffers) -> int:
-        n = self._try("write", os.pwritev, bufs, offset)
-        if n == 0 and not self._nowait["write"] and sum(len(b) for b in bufs) <= SMALL_WRITE:
-            # No RWF_NOWAIT for buffered writes here (ext4 says EOPNOTSUPP): a small one
-            # is a copy into the page cache, cheaper inline than a thread hop; only
-            # writeback throttling could make it wait.
-            return os.pwritev(self.fd, bufs, offset)
-        return n
+        # Where buffered writes have no RWF_NOWAIT (ext4 says EOPNOTSUPP) every write
+        # goes to the pool. Small ones used to stay inline (a page-cache copy), but ext4's
+        # buffered write on the event loop made 4k writes behind Linux 0.65-0.82x
+        # qemu-storage-daemon, and 1.13-1.16x from a pool thread (docs/benchmarks.md).
+        return self._try("write", os.pwritev, bufs, offset)
 
     def flush(self) -> None:
         os.fsync(self.fd)
