@@ -105,37 +105,35 @@ class VirtioBlk(VirtioDevice):
         (1 byte, writable) — for a read or write in range: what ``_request`` does for
         it, without the generality. Python per request is what limits small I/O, and
         under load (a TCG guest sharing the cores) it runs 2-3x slower than alone
-        (docs/benchmarks.md). Anything else, or any error, returns False having changed
+        (docs/benchmarks.md). The transfer itself is ``_transfer``, as for the general
+        path; another shape or type, or a host I/O error, returns False having completed
         nothing, and the general path serves it (and reports what is wrong)."""
         h, data, st = descs
-        if h.write or h.len != 16 or not st.write or st.len != 1 or not data.len:
+        if h.write or h.len != 16 or not st.write or st.len != 1:
             return False
         typ, _, sector = _hdr.unpack(mem.read(h.addr, 16))
         is_in = typ == V.VIRTIO_BLK_T_IN
         if is_in != data.write or (typ != V.VIRTIO_BLK_T_OUT and not is_in):
             return False
-        be, n = self.backend, data.len
-        if (not is_in and be.read_only) or not self._range_ok(sector, n):
-            return False
-        views, off = [mem.view(data.addr, n)], sector * V.SECTOR_SIZE
+        rdata, wdata = ([], [data]) if is_in else ([data], [])
         try:
-            if self.pool is None:
-                got = be.readv(off, views) if is_in else be.writev(off, views)
-                if got != n:
-                    return False
-            else:
-                got = be.readv_nowait(off, views) if is_in else be.writev_nowait(off, views)
+            status, written, moved, done = self._transfer(mem, typ, sector, rdata, wdata,
+                                                          block=self.pool is None)
         except OSError:
-            return False
-        if got < n:  # the page cache did not have it all: a pool thread finishes
-            self._defer(mem, typ, sector, [] if is_in else [data], [data] if is_in else [],
-                        vq, chain, st.addr, got)
+            return False  # the general path tries again and reports the error
+        if not done:  # the page cache did not have it all: a pool thread finishes
+            self._defer(mem, typ, sector, rdata, wdata, vq, chain, st.addr, moved)
             return True
-        mem.write(st.addr, b"\0")
-        self.requests += 1
-        self.bytes += n
-        self.complete(vq, chain, n + 1 if is_in else 1)
+        self._finish(mem, vq, chain, st.addr, status, written, moved)
         return True
+
+    def _finish(self, mem: GuestMemory, vq: Virtqueue, chain: DescriptorChain,
+                status_addr: int, status: int, written: int, moved: int) -> None:
+        """Status byte, counters, used ring and interrupt for a served request."""
+        mem.write(status_addr, bytes((status,)))
+        self.requests += 1
+        self.bytes += moved
+        self.complete(vq, chain, written + 1)
 
     def _request(self, mem: GuestMemory, descs: list[Descriptor], vq: Virtqueue,
                  chain: DescriptorChain) -> int | None:
@@ -251,14 +249,10 @@ class VirtioBlk(VirtioDevice):
                 if not self.queues or self.queues[0] is not vq:
                     return
                 try:
-                    mem.write(status_addr, bytes((status,)))
+                    self._finish(mem, vq, chain, status_addr, status, written, moved)
                 except GuestMemoryError as e:
                     if self.on_error is not None:
                         self.on_error(f"queue 0: {e}")
-                    return
-                self.requests += 1
-                self.bytes += moved
-                self.complete(vq, chain, written + 1)
 
         self.pool.submit(work)
 
