@@ -106,6 +106,7 @@ class Machine:
         self._stop_lock = threading.Lock()
         self._stopping = False
         self.vcpu_stuck = False
+        self.vcpu_thread: threading.Thread | None = None
         self.events = EventManager()
         self.vm = Vm(self.kvm)
         self.mem = GuestMemory(L.ram_layout(cfg.memory))
@@ -286,6 +287,7 @@ class Machine:
         t0 = time.monotonic()
         cpu0 = time.thread_time()
         thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
+        self.vcpu_thread = thread
         thread.start()
         deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
         try:
@@ -312,8 +314,9 @@ class Machine:
         stuck in device code (a loop a guest found) never sees the kick, and a stop that
         waited for it would make neither --timeout nor Ctrl-C end the VMM. After the
         grace period the thread is abandoned (it is a daemon) and said to be; ``close``
-        then leaves the VM and guest memory it may still touch to the process's exit."""
-        give_up = time.monotonic() + VCPU_STOP_GRACE_S
+        leaves the VM and guest memory it may still touch alone while it lives."""
+        grace = VCPU_STOP_GRACE_S
+        give_up = time.monotonic() + grace
         while thread.is_alive():
             try:
                 self.vcpu.kick()
@@ -325,7 +328,7 @@ class Machine:
         if thread.is_alive():
             self.vcpu_stuck = True
             assert self.result is not None
-            self.result.message += (f"; vCPU 0 did not stop within {VCPU_STOP_GRACE_S:g} s "
+            self.result.message += (f"; vCPU 0 did not stop within {grace:g} s "
                                     "(stuck in device code) and was abandoned")
 
     def _vcpu_thread(self) -> None:
@@ -508,7 +511,7 @@ class Machine:
         return "\n".join(lines)
 
     def close(self) -> None:
-        if self.vcpu_stuck:
+        if self.vcpu_thread is not None and self.vcpu_thread.is_alive():
             # A vCPU thread still runs device code against this VM, its memory and its
             # backends: freeing them under it could crash the process or reuse fds it
             # still writes to. They go when the process exits.
