@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.backends.block import RawBlockBackend
-from pyvmm.backends.char import SerialIo
+from pyvmm.backends.char import CharSpec, SerialIo
 from pyvmm.devices.legacy.ioapic import IoApic
 from pyvmm.devices.legacy.uart import Serial
 from pyvmm.devices.nvme.queues import PAGE, PrpError, prp_segments
@@ -24,7 +24,6 @@ from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError, PyvmmError
 from pyvmm.event import EventManager
-from pyvmm.machine.config import SerialConfig
 from pyvmm.memory import GuestMemory
 from pyvmm.testing import DriverQueue
 from pyvmm.uapi import nvme as N
@@ -219,7 +218,7 @@ def test_guest_5_a_chained_prp_list_still_works() -> None:
 def serial_socket(tmp_path: Path) -> tuple[Serial, SerialIo, EventManager, socket.socket]:
     ev = EventManager()
     path = tmp_path / "com1.sock"
-    io = SerialIo(SerialConfig("socket", str(path)), ev)
+    io = SerialIo(CharSpec("socket", str(path)), ev)
     uart = Serial(on_rx_space=io.resume_input)
     io.attach(uart)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

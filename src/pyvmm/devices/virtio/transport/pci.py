@@ -272,6 +272,9 @@ class VirtioPciDevice(PCIDevice):
         else:
             self._bad("write", off, size)
 
+    def metrics(self) -> dict[str, int]:
+        return {**self.device.metrics(), **self.core.metrics(), "interrupts": self.interrupts}
+
     def reset(self) -> None:
         with self.core.lock:
             self.core.set_status(0)
