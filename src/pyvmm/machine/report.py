@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from pyvmm.devices.nvme.controller import NvmeController
 from pyvmm.devices.pci.testdev import PciTestDev
 from pyvmm.irq.split import SplitIrqChip
 from pyvmm.uapi import kvm as K
@@ -48,9 +49,8 @@ def exit_report(m: Machine) -> dict[str, Any]:
                 "msix_bad_accesses": sum(
                     d.msix.bad_accesses for _, d in m.pci.functions()
                     if isinstance(d, PciTestDev))},
-        "nvme": [{"device": getattr(dev, "serial", name), **_metrics(dev),
-                  "errors": dict(dev.errors.counts)}
-                 for name, spec, dev in m.devices if spec.name == "nvme"],
+        "nvme": [{"device": dev.serial, **dev.metrics(), "errors": dict(dev.errors.counts)}
+                 for _, _, dev in m.devices if isinstance(dev, NvmeController)],
         "serial": {"tx_bytes": m.serial.tx_bytes, "rx_dropped": m.serial.rx_dropped},
     }
 
