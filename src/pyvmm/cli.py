@@ -176,7 +176,7 @@ def _config_from_args(a: argparse.Namespace,
 
 def _info(a: argparse.Namespace) -> int:
     from pyvmm.bus import IoBus, MmioBus
-    from pyvmm.irq.chip import RecordingMsiSink
+    from pyvmm.irq.msi import RecordingMsiSink
     from pyvmm.machine.layout import MACHINE_MAP
     from pyvmm.machine.pci import build_pci, describe
     from pyvmm.memory import GuestMemory
@@ -286,7 +286,7 @@ def _vfio_user(a: argparse.Namespace) -> int:
     from pyvmm.devices.spec import Kind
     from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
     from pyvmm.event import EventManager
-    from pyvmm.irq.chip import RecordingMsiSink
+    from pyvmm.irq.msi import RecordingMsiSink
     from pyvmm.machine.export import ExportContext
     from pyvmm.memory import GuestMemory
     from pyvmm.vfio_user.server import VfioUserServer

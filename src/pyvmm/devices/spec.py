@@ -31,8 +31,8 @@ from pyvmm.schema import option
 if TYPE_CHECKING:
     from pyvmm.backends.io_pool import IoPool
     from pyvmm.event import EventManager
-    from pyvmm.irq.chip import MsiSink
     from pyvmm.irq.line import InterruptLine
+    from pyvmm.irq.msi import MsiSink
     from pyvmm.memory import GuestMemory
 
 

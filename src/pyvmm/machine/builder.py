@@ -33,9 +33,10 @@ from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
 from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
 from pyvmm.event.timerfd import TimerFd
-from pyvmm.irq.chip import KernelIrqChip, MsiSink
 from pyvmm.irq.line import InterruptLine
-from pyvmm.irq.split import Locked, SplitIrqChip
+from pyvmm.irq.msi import MsiSink
+from pyvmm.irqchip.kernel import KernelIrqChip
+from pyvmm.irqchip.split import Locked, SplitIrqChip
 from pyvmm.loader import load_kernel
 from pyvmm.loader.boot import setup_entry_state, write_multiboot_info, write_pvh_start_info
 from pyvmm.loader.e820 import e820_map

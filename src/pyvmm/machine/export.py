@@ -11,8 +11,8 @@ from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
-from pyvmm.irq.chip import MsiSink, RecordingMsiSink
 from pyvmm.irq.line import InterruptLine
+from pyvmm.irq.msi import MsiSink, RecordingMsiSink
 from pyvmm.memory import GuestMemory
 
 

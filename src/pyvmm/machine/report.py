@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvmm.devices.nvme.controller import NvmeController
 from pyvmm.devices.pci.testdev import PciTestDev
-from pyvmm.irq.split import SplitIrqChip
+from pyvmm.irqchip.split import SplitIrqChip
 from pyvmm.uapi import kvm as K
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyvmm.errors import KvmError
-from pyvmm.irq.split import SplitIrqChip
+from pyvmm.irqchip.split import SplitIrqChip
 from pyvmm.kvm import Vcpu, exits
 from pyvmm.kvm.ioctl import EINTR, get_errno, ioctl_int
 from pyvmm.ratelimit_log import OnceLog
@@ -24,7 +24,7 @@ from pyvmm.uapi import kvm as K
 
 if TYPE_CHECKING:
     from pyvmm.bus import IoBus, MmioBus
-    from pyvmm.irq.chip import KernelIrqChip
+    from pyvmm.irqchip.kernel import KernelIrqChip
 
 
 class RunFlags:

@@ -29,7 +29,7 @@ from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
 from pyvmm.errors import ConfigError, KvmError, StateError
 from pyvmm.event import EventManager
 from pyvmm.event.timerfd import TimerFd
-from pyvmm.irq.split import SplitIrqChip
+from pyvmm.irqchip.split import SplitIrqChip
 from pyvmm.kvm import Kvm, Vcpu, Vm, exits
 from pyvmm.kvm.vcpu import install_kick_handler
 from pyvmm.machine import layout as L
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from pyvmm.devices.legacy.uart import Serial
     from pyvmm.devices.pci.root import PCIRoot
     from pyvmm.devices.testdev import TestDev
-    from pyvmm.irq.chip import KernelIrqChip
+    from pyvmm.irqchip.kernel import KernelIrqChip
     from pyvmm.loader.image import BootImage
     from pyvmm.machine.fastpath import IoeventfdFastPath
     from pyvmm.machine.memslots import MemslotMapper

@@ -43,7 +43,7 @@ from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.msix import MsixCapability
 from pyvmm.devices.spec import DeviceConfig, DeviceSpec, HostContext, Kind
 from pyvmm.errors import GuestMemoryError
-from pyvmm.irq.chip import MsiSink
+from pyvmm.irq.msi import MsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.schema import option

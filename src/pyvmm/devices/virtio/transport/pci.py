@@ -30,7 +30,7 @@ from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.msix import MsixCapability
 from pyvmm.devices.virtio.core import VirtioCore, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
-from pyvmm.irq.chip import MsiSink
+from pyvmm.irq.msi import MsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import pci as P
