@@ -80,7 +80,7 @@ def add_machine_options(r: argparse.ArgumentParser,
 
 
 def device_from_arg(opt: str, text: str, registry: tuple[DeviceSpec, ...] = DEVICES
-                    ) -> dict[str, str]:
+                    ) -> dict[str, str | list[str]]:
     """One ``--device TYPE,...`` or ``--disk ...`` as a ``{"type": ..., key: value}``."""
     if opt == "device":
         name, _, rest = text.partition(",")
@@ -96,6 +96,8 @@ def device_from_arg(opt: str, text: str, registry: tuple[DeviceSpec, ...] = DEVI
     if chosen.select is not None:
         key = chosen.select[0]
         want = items.pop(key, chosen.select[1])
+        if isinstance(want, list):
+            raise ConfigError(f"--{opt} {text!r}: {key} given more than once")
         match = [s for s in specs if s.select is not None and s.select[1] == want]
         if not match:
             values = ", ".join(s.select[1] for s in specs if s.select)

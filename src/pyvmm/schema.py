@@ -109,6 +109,8 @@ def fields_of(cls: type) -> tuple[FieldInfo, ...]:
             args = [a for a in typing.get_args(t) if a is not type(None)]
             optional = len(args) < len(typing.get_args(t))
             base = args[0] if len(args) == 1 else t
+        if typing.get_origin(t) is list:
+            base = t  # list[str]: a JSON array; on the command line, the key repeated
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default: Any = None
         if f.default is not dataclasses.MISSING:
@@ -137,6 +139,16 @@ def convert(f: FieldInfo, value: Any, text: bool) -> Any:
             return None
         raise ValueError("must not be null")
     t = f.base
+    if typing.get_origin(t) is list:
+        (item,) = typing.get_args(t)
+        if text and isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"{value!r} is not a list")
+        one = dataclasses.replace(f, base=item, optional=False)
+        return [convert(one, v, text) for v in value]
+    if isinstance(value, list):
+        raise ValueError("given more than once" if text else f"{value!r} is not a single value")
     if isinstance(value, str) and "\0" in value:
         raise ValueError("contains a NUL byte")
     if t is bool:
@@ -217,9 +229,11 @@ def build(cls: type[T], raw: Mapping[str, Any], where: str, *, text: bool = Fals
     return obj
 
 
-def parse_kv(text: str, positional: str | None = None, where: str = "option") -> dict[str, str]:
+def parse_kv(text: str, positional: str | None = None,
+             where: str = "option") -> dict[str, str | list[str]]:
     """``key=value[,key=value]``; ``,,`` is a literal comma; a part without ``=`` sets
-    ``positional`` (``--disk IMG``, ``--console socket:PATH``)."""
+    ``positional`` (``--disk IMG``, ``--console socket:PATH``). A key given more than
+    once collects a list (for list fields; any other field refuses it)."""
     parts, cur, i = [], [], 0
     while i < len(text):
         c = text[i]
@@ -234,7 +248,7 @@ def parse_kv(text: str, positional: str | None = None, where: str = "option") ->
             cur.append(c)
         i += 1
     parts.append("".join(cur))
-    out: dict[str, str] = {}
+    out: dict[str, str | list[str]] = {}
     for part in parts:
         if not part:
             continue
@@ -244,9 +258,13 @@ def parse_kv(text: str, positional: str | None = None, where: str = "option") ->
                 raise ConfigError(f"{where} {text!r}: expected key=value, got {part!r}")
             key, value = positional, part
         key = key.strip()
-        if key in out:
-            raise ConfigError(f"{where} {text!r}: {key} given twice")
-        out[key] = value
+        prev = out.get(key)
+        if prev is None:
+            out[key] = value
+        elif isinstance(prev, list):
+            prev.append(value)
+        else:
+            out[key] = [prev, value]
     return out
 
 
@@ -255,6 +273,8 @@ def type_name(f: FieldInfo) -> str:
     t = f.base
     if isinstance(t, type) and issubclass(t, enum.Enum):
         return "|".join(str(m.value) for m in t)
+    if typing.get_origin(t) is list:
+        return "list of strings (repeat the key)"
     name = {bool: "bool", int: "int", float: "number", str: "string", Size: "size"}.get(t, "?")
     return f"{name} or null" if f.optional and f.default is None and not f.required else name
 
@@ -301,6 +321,8 @@ def json_schema(cls: type, *, title: str | None = None,
                            {"type": "string", "pattern": _SIZE_RE.pattern}]}
         elif isinstance(t, type) and issubclass(t, enum.Enum):
             s = {"enum": [m.value for m in t]}
+        elif typing.get_origin(t) is list:
+            s = {"type": "array", "items": {"type": "string"}}
         else:
             s = {}
         if f.optional and "type" in s:
@@ -309,7 +331,7 @@ def json_schema(cls: type, *, title: str | None = None,
             s = {"anyOf": [s, {"type": "null"}]}
         if f.doc:
             s["description"] = f.doc
-        if not f.required and not isinstance(f.default, list):
+        if not f.required:
             s["default"] = (f.default.value if isinstance(f.default, enum.Enum) else
                             (f.default >> 20 if isinstance(f.default, Size) else f.default))
         props[f.key] = s

@@ -87,6 +87,16 @@ class HostContext(Protocol):
         """Run ``fn`` when the host tears down (after the guest has stopped)."""
         ...
 
+    def memory_map(self) -> list[tuple[int, int, int]]:
+        """The guest's e820 map as the boot protocol hands it over: (address, size,
+        type) with type 1 RAM, 2 reserved (firmware interfaces such as fw_cfg's
+        ``etc/e820``)."""
+        ...
+
+    def cpus(self) -> int:
+        """How many vCPUs the guest has."""
+        ...
+
 
 @dataclass(frozen=True)
 class DeviceSpec:

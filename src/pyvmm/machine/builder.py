@@ -98,6 +98,13 @@ class BuildContext:
     def on_close(self, fn: Callable[[], None]) -> None:
         self._b.m.closers.append(fn)
 
+    def memory_map(self) -> list[tuple[int, int, int]]:
+        return [(e.addr, e.size, e.type)
+                for e in e820_map(self._b.m.cfg.memory, L.PCI_HOLE_START)]
+
+    def cpus(self) -> int:
+        return 1
+
 
 class Builder:
     def __init__(self, machine: Machine) -> None:
@@ -234,7 +241,7 @@ class Builder:
     def _boot_info(self) -> None:
         m = self.m
         img, cfg = m.image, m.cfg
-        e820 = e820_map(cfg.memory, L.PCI_HOLE_START)
+        e820 = e820_map(cfg.memory, L.PCI_HOLE_START)  # as BuildContext.memory_map
         m.mem.write(L.CMDLINE, cfg.cmdline.encode() + b"\0")
         m.acpi = acpi_tables.build(mmio_slots=self.mmio_slots.taken)
         for addr, blob in m.acpi.blobs.values():

@@ -35,6 +35,12 @@ class ExportContext:
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
 
+    def memory_map(self) -> list[tuple[int, int, int]]:
+        return [(r.guest_addr, r.size, 1) for r in self.mem.regions()]  # what was mapped
+
+    def cpus(self) -> int:
+        return 1  # the client's; a PCI function is not told
+
     def attach(self, fn: PCIDevice) -> None:
         """Close what the device opened when the session closes its device."""
         inner = fn.close
