@@ -9,6 +9,7 @@ Tests may pass a longer tuple of their own to ``MachineConfig`` and ``Machine``.
 
 from __future__ import annotations
 
+from pyvmm.devices.legacy import fw_cfg
 from pyvmm.devices.nvme import controller as nvme
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.devices.virtio import blk, console, net, rng
@@ -19,6 +20,7 @@ DEVICES: tuple[DeviceSpec, ...] = (
     net.SPEC,
     console.SPEC,
     rng.SPEC,
+    fw_cfg.SPEC,
 )
 
 

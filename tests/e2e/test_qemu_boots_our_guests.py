@@ -33,3 +33,13 @@ def test_hello_under_qemu(guests: Path, image: str) -> None:
 def test_exit_code_under_qemu_matches_pyvmm_convention(guests: Path) -> None:
     p = qemu(guests / "exit_code.elf", "-append", "code=9")
     assert p.returncode == (9 << 1) | 1
+
+
+def test_fw_cfg_guest_passes_against_qemus_fw_cfg(guests: Path) -> None:
+    """The guest tests/kvm/test_fw_cfg.py runs under pyvmm, against QEMU's device."""
+    p = qemu(guests / "fw_cfg.elf", "-fw_cfg", "name=opt/pyvmm/test,string=hello-from-host")
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, out
+    assert "fw_cfg data hello-from-host" in out
+    assert "fw_cfg dma control=0 hello-from-host tail=0000" in out
+    assert "fw_cfg dma outside-ram control=1" in out and "fw_cfg ok" in out
