@@ -193,6 +193,10 @@ def convert(f: FieldInfo, value: Any, text: bool) -> Any:
         return x
     if t is str:
         if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:  # a lone surrogate from JSON's "\ud800"
+                raise ValueError(f"{value!r} is not valid Unicode text") from None
             return value
         raise ValueError(f"{value!r} is not a string")
     raise TypeError(f"config field {f.name}: unsupported type {t!r}")  # a pyvmm bug

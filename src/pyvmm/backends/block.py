@@ -8,11 +8,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
+import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pyvmm.errors import ConfigError
+
+# struct flock (x86-64): l_type, l_whence, l_start, l_len, l_pid, native alignment
+_flock = struct.Struct("@hhqqi")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -70,6 +75,22 @@ class RawBlockBackend:
         if self.size < 512:
             os.close(self.fd)
             raise ConfigError(f"disk image {path} is smaller than one 512-byte sector")
+        self._lock(path)
+
+    def _lock(self, path: str) -> None:
+        """An open-file-description lock on the whole image, as QEMU and Cloud Hypervisor
+        take one: a writer excludes every other user, readers share. Two VMs (or two
+        --disk of one VM, or a VM and a backend) cannot both write one image."""
+        kind = fcntl.F_RDLCK if self.read_only else fcntl.F_WRLCK
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock.pack(kind, os.SEEK_SET, 0, 0, 0))
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"disk image {path} is in use by another user (locked"
+                                  f"{'' if self.read_only else '; readonly=on shares it'})"
+                                  ) from None
+            raise ConfigError(f"cannot lock disk image {path}: {e.strerror}") from None
 
     def readv(self, offset: int, bufs: Buffers) -> int:
         return os.preadv(self.fd, bufs, offset)

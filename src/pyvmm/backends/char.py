@@ -11,16 +11,21 @@ is lost.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import socket
 import stat
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+from pyvmm.backends.unix_socket import close_unix, listen_unix
 from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
+
+log = logging.getLogger("pyvmm")
 
 BACKLOG_MAX = 64 * 1024
 CHAR_KINDS = ("stdio", "file", "socket", "none")
@@ -67,29 +72,21 @@ class SerialIo:
         self._pending = b""  # input read but not yet accepted by the FIFO
         # Output written before a socket client connects, kept (bounded) for it.
         self._backlog = bytearray()
+        self._out_path: str | None = None
+        self._ino = 0
         if cfg.kind == "stdio":
             self._out_fd = 1
             if _pollable(0):
                 self._in_fd = 0
         elif cfg.kind == "file":
             assert cfg.path is not None
-            try:
-                self._out_fd = os.open(cfg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                                       | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise ConfigError(f"serial file {cfg.path}: {e.strerror}") from None
+            _check_writable(cfg.path, "serial file")
+            # Opened (and truncated) at the first byte the guest sends, not now: a run
+            # that fails before it starts must leave an existing file as it was.
+            self._out_path = cfg.path
         elif cfg.kind == "socket":
             assert cfg.path is not None
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.lstat(cfg.path).st_mode):
-                        os.unlink(cfg.path)  # a stale socket of an earlier run
-                s.bind(cfg.path)
-                s.listen(1)
-            except OSError as e:
-                s.close()
-                raise ConfigError(f"serial socket {cfg.path}: {e.strerror}") from None
+            s, self._ino = listen_unix(cfg.path, "serial socket", backlog=1)
             s.setblocking(False)
             self._listen = s
 
@@ -102,6 +99,8 @@ class SerialIo:
 
     # --- output (vCPU thread) --------------------------------------------------------
     def write(self, data: bytes) -> None:
+        if self._out_path is not None:
+            self._open_output()
         if self._out_fd is not None:
             try:
                 os.write(self._out_fd, data)
@@ -114,6 +113,20 @@ class SerialIo:
         elif self._listen is not None:
             self._backlog += data
             del self._backlog[:-BACKLOG_MAX]
+
+    def _open_output(self) -> None:
+        path, self._out_path = self._out_path, None
+        assert path is not None
+        try:
+            self._out_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                   0o644)
+        except OSError as e:  # it was writable at start-up; the guest goes on regardless
+            log.warning("serial file %s: %s; output dropped", path, e.strerror)
+
+    def started(self) -> None:
+        """The VM runs: a file end exists from now on, even if the guest stays silent."""
+        if self._out_path is not None:
+            self._open_output()
 
     def flush(self) -> None:
         pass  # writes are unbuffered
@@ -189,11 +202,29 @@ class SerialIo:
         if self._client is not None:
             self._client.close()
         if self._listen is not None:
-            self._listen.close()
-            if self.cfg.path:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.cfg.path)
+            assert self.cfg.path is not None
+            close_unix(self._listen, self.cfg.path, self._ino)
             self._listen = None
+
+
+def _check_writable(path: str, what: str) -> None:
+    """That ``path`` can be written (created in an existing folder), checked without
+    creating or touching it."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise ConfigError(f"{what} {path}: is a directory")
+        if p.exists():
+            ok = os.access(p, os.W_OK)
+        else:
+            parent = p.parent
+            if not parent.is_dir():
+                raise ConfigError(f"{what} {path}: folder {str(parent)!r} does not exist")
+            ok = os.access(parent, os.W_OK | os.X_OK)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what} {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    if not ok:
+        raise ConfigError(f"{what} {path}: not writable")
 
 
 def _pollable(fd: int) -> bool:

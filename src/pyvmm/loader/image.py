@@ -102,6 +102,13 @@ def _load_elf(data: bytes, mem: GuestMemory, path: str) -> BootImage:
         raise LoaderError(f"{path}: malformed ELF ({e})") from None
     except GuestMemoryError as e:
         raise LoaderError(f"{path}: {e}") from None
+    except LoaderError:
+        raise
+    except Exception as e:
+        # pyelftools documents no complete set of exceptions for a malformed file
+        # (struct.error, ValueError, KeyError, IndexError and its construct errors have
+        # all been seen): any of them means the image is not one we can load.
+        raise LoaderError(f"{path}: malformed ELF ({type(e).__name__}: {e})") from None
 
 
 def _find_multiboot(data: bytes) -> int | None:
@@ -147,13 +154,18 @@ def load_kernel(
     """Load ``path`` into ``mem``. ``load_addr`` forces the flat-binary format."""
     p = str(path)
     try:
+        size = Path(path).stat().st_size
+        if size > mem.total_size:
+            raise LoaderError(f"kernel {p} ({size >> 20} MiB) is larger than guest RAM "
+                              f"({mem.total_size >> 20} MiB)")
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise LoaderError(f"kernel file not found: {p}") from None
     except IsADirectoryError:
         raise LoaderError(f"kernel path is a directory: {p}") from None
-    except OSError as e:
-        raise LoaderError(f"cannot read kernel {p}: {e.strerror}") from None
+    except (OSError, ValueError) as e:
+        raise LoaderError(f"cannot read kernel {p!r}: {getattr(e, 'strerror', None) or e}"
+                          ) from None
     if not data:
         raise LoaderError(f"kernel file is empty: {p}")
     if load_addr is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import signal
 import sys
 import threading
 import time
@@ -79,7 +80,8 @@ class VmState(enum.Enum):
 
 @dataclass
 class RunResult:
-    reason: str  # "debug-exit", "reset", "shutdown", "error", "timeout", "interrupted"
+    reason: str  # "debug-exit", "reset", "shutdown", "error", "timeout", "interrupted",
+    # "terminated" (SIGTERM)
     exit_code: int
     message: str = ""
     wall_time: float = 0.0
@@ -189,6 +191,13 @@ class Machine:
         self._require(VmState.CREATED)
         self.state = VmState.RUNNING
         install_kick_handler()
+        self.serial_io.started()
+        # SIGTERM is a clean stop with a report, as Ctrl-C is (the main thread only:
+        # Python delivers signals there).
+        old_term = None
+        if threading.current_thread() is threading.main_thread():
+            old_term = signal.signal(signal.SIGTERM, lambda *_: self.stop(
+                "terminated", 143, "SIGTERM"))
         t0 = time.monotonic()
         cpu0 = time.thread_time()
         thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
@@ -206,6 +215,8 @@ class Machine:
         except Exception as e:  # the loop itself failed (not a callback): report, stop
             self.stop("error", 1, f"internal error in the event loop: {e!r}")
         self._join_vcpu(thread)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         self.state = VmState.STOPPED
         assert self.result is not None
         self.result.wall_time = time.monotonic() - t0

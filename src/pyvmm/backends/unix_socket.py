@@ -1,0 +1,71 @@
+"""Listening on a Unix socket path without harming what is already there.
+
+A path pyvmm is told to listen on may hold a stale socket of an earlier run (nobody
+accepts: replaced), a live socket of another process (refused: a second VMM or backend
+must not silently take over a live one), or something that is not a socket at all (a
+regular file, a directory: refused — pyvmm never deletes a file the user did not ask it
+to write). On close, the path is removed only if it is still the socket we made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+
+from pyvmm.errors import ConfigError
+
+SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
+
+
+def listen_unix(path: str, what: str, backlog: int = 4) -> tuple[socket.socket, int]:
+    """A listening SOCK_STREAM socket at ``path`` and its inode (for ``close_unix``)."""
+    if "\0" in path:
+        raise ConfigError(f"{what} {path!r}: the path contains a NUL byte")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeError:
+        raise ConfigError(f"{what} {path!r}: the path is not valid text") from None
+    if len(raw) > SUN_PATH_MAX:
+        raise ConfigError(f"{what} {path!r}: {len(raw)} bytes, over the {SUN_PATH_MAX}-byte "
+                          "limit of a Unix socket path (use a shorter or relative path)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{what} {path}: something that is not a socket is there; "
+                              "not replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: left by a process that is gone
+        except OSError as e:
+            raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
+        else:
+            raise ConfigError(f"{what} {path}: another process is listening there")
+        finally:
+            probe.close()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(path)
+        s.listen(backlog)
+        ino = os.stat(path).st_ino
+    except OSError as e:
+        s.close()
+        raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
+    return s, ino
+
+
+def close_unix(sock: socket.socket, path: str, ino: int) -> None:
+    """Close ``sock`` and remove ``path`` if it is still the socket ``listen_unix`` made."""
+    sock.close()
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino == ino:
+            os.unlink(path)
