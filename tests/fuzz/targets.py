@@ -1,0 +1,390 @@
+"""Fuzz targets on every surface a guest or a protocol peer reaches (issue #18 item 3).
+
+Each target takes the fuzzer's bytes and drives one surface through its real entry
+points. A *finding* is anything that escapes the surface's contained error path: an
+exception where the device must answer as its spec says (the chips, the PCI and virtio
+transports, fw_cfg), a virtio or NVMe fault that was not a guest's (``core.bugs``), a
+config or image error that is not the one-line kind. Slow inputs and growth are the
+fuzzer's own limits (``-timeout``, ``-rss_limit_mb``; see ``run.py``).
+
+Targets are plain functions of ``bytes``: ``run.py`` hands them to atheris, and
+``test_fuzz.py`` replays the committed seed corpora through them without atheris.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pyvmm.backends.block import RawBlockBackend
+from pyvmm.bus import IoBus, MmioBus
+from pyvmm.devices.legacy.fw_cfg import FwCfg
+from pyvmm.devices.legacy.i8042 import I8042
+from pyvmm.devices.legacy.ioapic import IoApic
+from pyvmm.devices.legacy.pic import PicPair
+from pyvmm.devices.legacy.pit import Pit
+from pyvmm.devices.legacy.rtc import Rtc
+from pyvmm.devices.legacy.uart import Serial
+from pyvmm.devices.nvme.controller import NvmeController
+from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.core import VirtioDevice
+from pyvmm.devices.virtio.net import VirtioNet
+from pyvmm.devices.virtio.queue import QueueConfig, Virtqueue, VirtqueueError
+from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.devices.virtio.transport.mmio import VirtioMmioDevice
+from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
+from pyvmm.errors import ConfigError, GuestMemoryError
+from pyvmm.event import EventManager
+from pyvmm.irq.msi import RecordingMsiSink
+from pyvmm.loader import load_kernel
+from pyvmm.machine.config import MachineConfig
+from pyvmm.machine.pci import build_pci
+from pyvmm.memory import GuestMemory
+from pyvmm.testing import RecordingLine, VirtioDriver
+from pyvmm.vhost_user import protocol as vu
+
+Target = Callable[[bytes], None]
+RAM = 1 << 20
+
+
+class Finding(AssertionError):
+    """The surface let something through that its contract says it cannot."""
+
+
+class Reader:
+    """The fuzzer's bytes as a stream of small integers (exhausted: zeros)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out.ljust(n, b"\0")
+
+    def int(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "little")
+
+    def left(self) -> bool:
+        return self.pos < len(self.data)
+
+
+def register_ops(dev: object, data: bytes, spans: list[tuple[int, int]],
+                 sizes: tuple[int, ...] = (1, 2, 4)) -> None:
+    """Random reads and writes of ``dev``'s registers at (base, size) spans; every
+    read must fit its access."""
+    r = Reader(data)
+    for _ in range(256):
+        if not r.left():
+            return
+        base, span = spans[r.int(1) % len(spans)]
+        off = r.int(2) % span
+        size = sizes[r.int(1) % len(sizes)]
+        if r.int(1) & 1:
+            dev.write(base, off, size, r.int(size))  # type: ignore[attr-defined]
+        else:
+            v = dev.read(base, off, size)  # type: ignore[attr-defined]
+            if not 0 <= v < 1 << (8 * size):
+                raise Finding(f"{type(dev).__name__} read {v:#x} for a {size}-byte access")
+
+
+# --- legacy chips at their ports -----------------------------------------------------
+def uart(data: bytes) -> None:
+    s = Serial(irq=RecordingLine())
+    register_ops(s, data, [(0x3F8, 8)], (1,))
+    s.enqueue_input(data[:64])
+
+
+def pic(data: bytes) -> None:
+    pair = PicPair()
+    register_ops(pair.master, data, [(0x20, 2)], (1,))
+    r = Reader(data[::-1])
+    for _ in range(32):
+        pair.set_irq(r.int(1) % 16, bool(r.int(1) & 1))
+    for _ in range(4):
+        pair.acknowledge()
+
+
+def pit(data: bytes) -> None:
+    register_ops(Pit(irq0=lambda: None, clock=lambda: 123_456_789), data, [(0x40, 4)], (1,))
+
+
+def rtc(data: bytes) -> None:
+    register_ops(Rtc(irq=lambda: None, memory_bytes=RAM, now_ns=lambda: 10**18), data,
+                 [(0x70, 2)], (1,))
+
+
+def ioapic(data: bytes) -> None:
+    register_ops(IoApic(RecordingMsiSink()), data, [(0xFEC00000, 0x100)], (1, 2, 4, 8))
+
+
+def i8042(data: bytes) -> None:
+    register_ops(I8042(on_reset=lambda: None), data, [(0x60, 1), (0x64, 1)], (1,))
+
+
+def fw_cfg(data: bytes) -> None:
+    mem = GuestMemory([(0, RAM)])
+    mem.write(0x1000, data[:4096])  # DMA access structures land here
+    dev = FwCfg(mem, {0: b"QEMU", 1: b"\3\0\0\0"}, {"opt/x": b"y" * 300, "etc/e820": bytes(20)})
+    register_ops(dev, data[4096:] or data, [(0x510, 2), (0x514, 8)], (1, 2, 4, 8))
+
+
+# --- PCI: config space, BARs, MSI/MSI-X through the PCI root ---------------------------
+def pci(data: bytes) -> None:
+    mem = GuestMemory([(0, RAM)])
+    pio, mmio = IoBus(), MmioBus()
+    rng = VirtioPciDevice(VirtioRng(), mem, RecordingMsiSink())
+    build_pci(pio, mmio, mem, RecordingMsiSink(), True, [rng])
+    r = Reader(data)
+    for _ in range(256):
+        if not r.left():
+            return
+        kind, size = r.int(1) % 4, (1, 2, 4)[r.int(1) % 3]
+        if kind == 0:  # CONFIG_ADDRESS / CONFIG_DATA
+            port = 0xCF8 + r.int(1) % 8
+            if r.int(1) & 1:
+                pio.write(port, size, r.int(size))
+            else:
+                pio.read(port, size)
+        elif kind == 1:  # ECAM
+            addr = 0xB0000000 + (r.int(3) % (1 << 20))
+            if r.int(1) & 1:
+                mmio.write(addr, size, r.int(size))
+            else:
+                mmio.read(addr, size)
+        else:  # wherever the BARs went
+            addr = 0xC0000000 + (r.int(3) << 4)
+            if kind == 2:
+                mmio.write(addr, size, r.int(size))
+            else:
+                mmio.read(addr, size)
+    if rng.core.bugs:
+        raise Finding("virtio core counted a bug")
+
+
+# --- virtio ------------------------------------------------------------------------------
+def _rings_from(mem: GuestMemory, data: bytes, size: int) -> QueueConfig:
+    q = QueueConfig(size)
+    q.desc, q.avail, q.used, q.ready = 0x10000, 0x20000, 0x30000, True
+    mem.write(0x10000, data[:16 * size].ljust(16 * size, b"\0"))
+    mem.write(0x20000, data[16 * size:16 * size + 6 + 2 * size].ljust(6 + 2 * size, b"\0"))
+    mem.write(0x40000, data[:8192])  # indirect tables point here
+    return q
+
+
+def virtqueue(data: bytes) -> None:
+    mem = GuestMemory([(0, RAM)])
+    vq = Virtqueue(mem, _rings_from(mem, data, 16), indirect=True)
+    for _ in range(32):
+        try:
+            chain = vq.pop()
+        except VirtqueueError:
+            return
+        if chain is None:
+            return
+        try:
+            descs = chain.descriptors()
+        except VirtqueueError:
+            continue
+        if len(descs) > vq.size:
+            raise Finding(f"a chain of {len(descs)} descriptors in a queue of {vq.size}")
+        vq.add_used(chain, 0)
+
+
+def _drive(dev: VirtioDevice, data: bytes, features: int) -> None:
+    mem = GuestMemory([(0, RAM)])
+    d = VirtioDriver(dev, mem, features=features, size=16)
+    for i, dq in enumerate(d.queues):  # the rings' contents are the fuzzer's
+        mem.write(dq.desc, data[:256].ljust(256, b"\0"))
+        mem.write(dq.avail + 2, data[256 + 2 * i:258 + 2 * i].ljust(2, b"\0"))
+        mem.write(dq.avail + 4, data[260:292].ljust(32, b"\0"))
+    mem.write(0x40000, data[292:8192])
+    for i in range(len(d.queues)):
+        d.kick(i)
+    if d.core.bugs:
+        raise Finding("virtio core counted a bug")
+
+
+_IMAGE: list[str] = []
+
+
+def _image() -> str:
+    if not _IMAGE:
+        fd, path = tempfile.mkstemp(prefix="pyvmm-fuzz-", suffix=".img")
+        os.ftruncate(fd, 1 << 20)
+        os.close(fd)
+        _IMAGE.append(path)
+    return _IMAGE[0]
+
+
+def virtio_blk(data: bytes) -> None:
+    be = RawBlockBackend(_image())
+    try:
+        dev = VirtioBlk(be)
+        _drive(dev, data, dev.features)
+    finally:
+        be.close()
+
+
+class _Sink:
+    offloads = False
+
+    def __init__(self) -> None:
+        self.a, self.b = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fd = self.a
+
+    def set_offload(self, flags: int) -> None:
+        pass
+
+    def read(self, n: int = 65562) -> bytes | None:
+        return None
+
+    def writev(self, bufs: list[memoryview]) -> int:
+        n = sum(len(b) for b in bufs)
+        if n < 26:
+            raise OSError(22, "Invalid argument")  # as a TAP refuses a runt
+        return n
+
+    def close(self) -> None:
+        os.close(self.a)
+        os.close(self.b)
+
+
+def virtio_net(data: bytes) -> None:
+    ev, sink = EventManager(), _Sink()
+    try:
+        dev = VirtioNet(sink, bytes(6), ev)  # type: ignore[arg-type]
+        _drive(dev, data, dev.features)
+    finally:
+        sink.close()
+        ev.close()
+
+
+def virtio_pci_regs(data: bytes) -> None:
+    mem = GuestMemory([(0, RAM)])
+    dev = VirtioPciDevice(VirtioRng(), mem, RecordingMsiSink())
+    r = Reader(data)
+    for _ in range(256):
+        if not r.left():
+            break
+        what, size = r.int(1) % 3, (1, 2, 4, 8)[r.int(1) % 4]
+        off = r.int(2)
+        if what == 0:
+            dev.config_write(off % 256, min(size, 4), r.int(4))
+        elif what == 1:
+            dev.write_bar(r.int(1) % 2, off % 0x4000, size, r.int(size))
+        else:
+            v = dev.read_bar(r.int(1) % 2, off % 0x4000, size)
+            if not 0 <= v < 1 << (8 * size):
+                raise Finding(f"BAR read {v:#x} for {size} bytes")
+    if dev.core.bugs:
+        raise Finding("virtio core counted a bug")
+
+
+def virtio_mmio_regs(data: bytes) -> None:
+    mem = GuestMemory([(0, RAM)])
+    dev = VirtioMmioDevice(VirtioRng(), mem, RecordingLine())
+    register_ops(dev, data, [(0xFEB00000, 0x200)], (1, 2, 4, 8))
+    if dev.core.bugs:
+        raise Finding("virtio core counted a bug")
+
+
+# --- NVMe --------------------------------------------------------------------------------
+def nvme(data: bytes) -> None:
+    mem = GuestMemory([(0, RAM)])
+    mem.write(0x10000, data[:8192])  # queues and PRP lists the fuzzer may point at
+    be = RawBlockBackend(_image())
+    try:
+        dev = NvmeController(be, mem, RecordingMsiSink())
+        r = Reader(data[8192:] or data)
+        for _ in range(128):
+            if not r.left():
+                break
+            if r.int(1) % 4 == 0:
+                v = dev.read_bar(0, r.int(2) % 0x2000, 4)
+                if not 0 <= v < 1 << 32:
+                    raise Finding("NVMe register wider than its access")
+            else:
+                dev.write_bar(0, (r.int(2) % 0x1010) & ~3, 4, r.int(4))
+    finally:
+        be.close()
+
+
+# --- protocol codecs and loaders ---------------------------------------------------------
+def vhost_user_codec(data: bytes) -> None:
+    try:
+        req, flags, size = vu.decode_header(data[:12])
+    except vu.ProtocolError:
+        return
+    m = vu.Message(req, flags, data[12:12 + size])
+    for view in (m.u64, m.vring_state, m.vring_addr, m.mem_table, m.inflight, m.config):
+        try:
+            view()
+        except vu.ProtocolError:
+            pass
+
+
+def config_json(data: bytes) -> None:
+    try:
+        raw = json.loads(data.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return
+    if not isinstance(raw, dict):
+        return
+    try:
+        MachineConfig.from_dict(raw)
+    except ConfigError as e:
+        if "\n" in str(e):
+            raise Finding(f"a config error of more than one line: {e!r}") from None
+
+
+def image_loader(data: bytes) -> None:
+    with tempfile.NamedTemporaryFile(prefix="pyvmm-fuzz-", suffix=".elf") as f:
+        f.write(data)
+        f.flush()
+        mem = GuestMemory([(0, 4 << 20)])
+        try:
+            load_kernel(f.name, mem)
+        except ConfigError as e:  # LoaderError is one
+            if "\n" in str(e):
+                raise Finding(f"a loader error of more than one line: {e!r}") from None
+        except GuestMemoryError:
+            raise Finding("the loader let a guest-memory error escape") from None
+        finally:
+            mem.close()
+
+
+TARGETS: dict[str, Target] = {
+    "uart": uart, "pic": pic, "pit": pit, "rtc": rtc, "ioapic": ioapic, "i8042": i8042,
+    "fw_cfg": fw_cfg, "pci": pci, "virtqueue": virtqueue, "virtio_blk": virtio_blk,
+    "virtio_net": virtio_net, "virtio_pci_regs": virtio_pci_regs,
+    "virtio_mmio_regs": virtio_mmio_regs, "nvme": nvme, "vhost_user_codec": vhost_user_codec,
+    "config_json": config_json, "image_loader": image_loader,
+}
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+
+
+def seeds() -> dict[str, list[bytes]]:
+    """A few meaningful inputs per target, so the fuzzer starts inside the protocols."""
+    hdr = struct.pack("<IIQ", 1, 0, 0)  # virtio-blk OUT of sector 0
+    chain = (struct.pack("<QIHH", 0x40000, 16, 1, 1) + struct.pack("<QIHH", 0x41000, 512, 1, 2)
+             + struct.pack("<QIHH", 0x42000, 1, 2, 0)).ljust(256, b"\0")
+    ring = struct.pack("<HH", 0, 1).ljust(36, b"\0")
+    return {
+        "virtio_blk": [chain + ring + hdr],
+        "virtio_net": [chain + ring],
+        "virtqueue": [chain + struct.pack("<HHH", 0, 1, 0)],
+        "config_json": [json.dumps({"kernel": "k", "memory": "64M", "devices": [
+            {"type": "virtio-blk", "path": "x"}, {"type": "virtio-rng", "rate": 5}]}).encode()],
+        "vhost_user_codec": [vu.encode(vu.Request.SET_VRING_NUM, struct.pack("<II", 0, 256)),
+                             vu.encode(vu.Request.SET_MEM_TABLE, struct.pack("<II", 1, 0)
+                                       + struct.pack("<QQQQ", 0, 1 << 20, 0, 0))],
+        "image_loader": [b"\x7fELF\x02\x01\x01" + bytes(57), b"\x02\xb0\xad\x1b" + bytes(60)],
+        "uart": [bytes([0, 3, 1, 0x41, 5, 0]) * 8],
+        "pci": [bytes([0, 2, 0, 1, 0, 0, 0, 0x80]) * 8],
+    }
