@@ -20,13 +20,21 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from pyvmm.devices.virtio.transport.pci import COMMON_OFF, NOTIFY_OFF
+from pyvmm.backends.block import RawBlockBackend
+from pyvmm.backends.io_pool import IoPool
+from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.transport.pci import COMMON_OFF, NOTIFY_OFF, VirtioPciDevice
 from pyvmm.event import EventManager
+from pyvmm.irq.chip import RecordingMsiSink
 from pyvmm.memory import GuestMemory
+from pyvmm.peer import ChannelLimits
 from pyvmm.testing import DriverQueue
 from pyvmm.uapi import virtio as V
 from pyvmm.vfio_user import protocol as P
+from pyvmm.vfio_user.server import VfioUserServer
+from pyvmm.vhost_user.backend import VhostUserServer
 from pyvmm.vhost_user.protocol import (
     HEADER,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -34,6 +42,7 @@ from pyvmm.vhost_user.protocol import (
     Request,
     encode,
 )
+from tests.unit.test_blk_io_pool import ColdDisk
 
 UADDR = 0x7F0000000000  # the vhost-user front end's "user address" of guest RAM
 RAM = 2 << 20
@@ -317,3 +326,53 @@ class BlkOverVfioUser(_Blk):
 
     def kick(self) -> None:
         assert self.c.write(0, NOTIFY_OFF, 2, 0) == 0
+
+
+# --- servers as the tests set them up ----------------------------------------------------
+LIMITS = ChannelLimits(deadline=0.3, send_cap=64 << 10)  # small, so tests are quick
+
+
+class VhostSetup:
+    def __init__(self, tmp_path: Path) -> None:
+        self.images = {}
+        self.server = VhostUserServer(limits=LIMITS)
+        self.loop = Loop(self.server.events)
+        self.paths = {}
+        for name in ("a", "b"):
+            img = tmp_path / f"{name}.img"
+            img.write_bytes(os.urandom(64 * 1024))
+            self.images[name] = img.read_bytes()
+            self.paths[name] = str(tmp_path / f"{name}.sock")
+            disk = RawBlockBackend(str(img))  # one per socket, as the CLI has it
+            self.server.listen(self.paths[name], lambda disk=disk: VirtioBlk(disk))
+
+    def peer(self, name: str = "a") -> VhostUser:
+        return VhostUser(vhost_peer(self.paths[name], self.loop))
+
+    def blk(self, name: str = "b", call: int | None = None) -> BlkOverVhostUser:
+        return BlkOverVhostUser(vhost_peer(self.paths[name], self.loop), self.images[name],
+                                call)
+
+
+class VfioSetup:
+    def __init__(self, tmp_path: Path, pool: IoPool | None = None, cold: bool = False) -> None:
+        img = tmp_path / "v.img"
+        img.write_bytes(os.urandom(64 * 1024))
+        self.image = img.read_bytes()
+        self.disk = ColdDisk(str(img)) if cold else RawBlockBackend(str(img))
+        self.devices: list[VirtioPciDevice] = []
+
+        def make(mem: GuestMemory) -> VirtioPciDevice:
+            dev = VirtioPciDevice(VirtioBlk(self.disk, pool=pool), mem, RecordingMsiSink())
+            self.devices.append(dev)
+            return dev
+
+        self.path = str(tmp_path / "vfu.sock")
+        self.server = VfioUserServer(self.path, make, limits=LIMITS)
+        self.loop = Loop(self.server.events)
+
+    def peer(self) -> VfioUser:
+        return VfioUser(vfio_peer(self.path, self.loop))
+
+    def blk(self, irq: int | None = None) -> BlkOverVfioUser:
+        return BlkOverVfioUser(vfio_peer(self.path, self.loop), self.image, irq)

@@ -11,7 +11,7 @@ import os
 import resource
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,10 +26,12 @@ from pyvmm.vhost_user.protocol import HEADER, INFLIGHT, Request, encode
 from tests.unit.peer_frontends import (
     RAM,
     Loop,
+    VfioSetup,
+    VhostSetup,
     flood_until_closed,
     open_fds,
 )
-from tests.unit.test_peer_containment import VfioSetup, VhostSetup, full_blocking_eventfd
+from tests.unit.test_peer_containment import full_blocking_eventfd
 from tests.unit.test_vhost_user import BAD
 
 HDR = struct.Struct("<I")  # the test protocol: u32 total length, then the body
@@ -321,20 +323,6 @@ def test_peer_13_malformed_sweep_leaks_no_fds_vfio_user(vfio: VfioSetup) -> None
     sweep(vfio.path, vfio.loop, vfio_bad_messages, lambda: len(vfio.server.sessions))
     assert open_fds() == before
     assert vfio.server.events.bugs == 0
-
-
-@pytest.fixture
-def vhost(tmp_path: Path) -> Iterator[VhostSetup]:
-    s = VhostSetup(tmp_path)
-    yield s
-    s.server.close()
-
-
-@pytest.fixture
-def vfio(tmp_path: Path) -> Iterator[VfioSetup]:
-    s = VfioSetup(tmp_path)
-    yield s
-    s.server.close()
 
 
 # --- two front ends: A attacks, B's I/O goes on ----------------------------------------------

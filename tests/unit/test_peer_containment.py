@@ -11,7 +11,6 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,94 +20,28 @@ from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.assigned.shmem import SharedMemoryBar
 from pyvmm.devices.nvme.controller import NvmeController
 from pyvmm.devices.virtio.blk import VirtioBlk
-from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
 from pyvmm.irq.chip import RecordingMsiSink
 from pyvmm.memory import GuestMemory, sealed_memfd
-from pyvmm.peer import ChannelLimits
 from pyvmm.uapi import nvme as N
 from pyvmm.uapi import virtio as V
 from pyvmm.vfio_user import protocol as P
 from pyvmm.vfio_user.server import VfioUserServer
-from pyvmm.vhost_user.backend import VhostUserServer
 from pyvmm.vhost_user.inflight import InflightArea
 from pyvmm.vhost_user.protocol import HEADER, INFLIGHT, Request, encode
 from tests.unit.peer_frontends import (
     RAM,
     WAIT,
-    BlkOverVfioUser,
-    BlkOverVhostUser,
     Loop,
+    VfioSetup,
     VfioUser,
-    VhostUser,
+    VhostSetup,
     flood_until_closed,
     open_fds,
     vfio_peer,
-    vhost_peer,
 )
 from tests.unit.test_blk_io_pool import ColdDisk
 
-LIMITS = ChannelLimits(deadline=0.3, send_cap=64 << 10)  # small, so tests are quick
 INFLIGHT_SHMFD = 1 << 12
-
-
-class VhostSetup:
-    def __init__(self, tmp_path: Path) -> None:
-        self.images = {}
-        self.server = VhostUserServer(limits=LIMITS)
-        self.loop = Loop(self.server.events)
-        self.paths = {}
-        for name in ("a", "b"):
-            img = tmp_path / f"{name}.img"
-            img.write_bytes(os.urandom(64 * 1024))
-            self.images[name] = img.read_bytes()
-            self.paths[name] = str(tmp_path / f"{name}.sock")
-            disk = RawBlockBackend(str(img))  # one per socket, as the CLI has it
-            self.server.listen(self.paths[name], lambda disk=disk: VirtioBlk(disk))
-
-    def peer(self, name: str = "a") -> VhostUser:
-        return VhostUser(vhost_peer(self.paths[name], self.loop))
-
-    def blk(self, name: str = "b", call: int | None = None) -> BlkOverVhostUser:
-        return BlkOverVhostUser(vhost_peer(self.paths[name], self.loop), self.images[name],
-                                call)
-
-
-class VfioSetup:
-    def __init__(self, tmp_path: Path, pool: IoPool | None = None, cold: bool = False) -> None:
-        img = tmp_path / "v.img"
-        img.write_bytes(os.urandom(64 * 1024))
-        self.image = img.read_bytes()
-        self.disk = ColdDisk(str(img)) if cold else RawBlockBackend(str(img))
-        self.devices: list[VirtioPciDevice] = []
-
-        def make(mem: GuestMemory) -> VirtioPciDevice:
-            dev = VirtioPciDevice(VirtioBlk(self.disk, pool=pool), mem, RecordingMsiSink())
-            self.devices.append(dev)
-            return dev
-
-        self.path = str(tmp_path / "vfu.sock")
-        self.server = VfioUserServer(self.path, make, limits=LIMITS)
-        self.loop = Loop(self.server.events)
-
-    def peer(self) -> VfioUser:
-        return VfioUser(vfio_peer(self.path, self.loop))
-
-    def blk(self, irq: int | None = None) -> BlkOverVfioUser:
-        return BlkOverVfioUser(vfio_peer(self.path, self.loop), self.image, irq)
-
-
-@pytest.fixture
-def vhost(tmp_path: Path) -> Iterator[VhostSetup]:
-    s = VhostSetup(tmp_path)
-    yield s
-    s.server.close()
-
-
-@pytest.fixture
-def vfio(tmp_path: Path) -> Iterator[VfioSetup]:
-    s = VfioSetup(tmp_path)
-    yield s
-    s.server.close()
 
 
 # --- 6: a header announcing a payload, then nothing ------------------------------------
