@@ -31,6 +31,7 @@ from tests.unit.peer_frontends import (
     flood_until_closed,
     open_fds,
 )
+from tests.unit.test_cli import assert_one_line_error, run_main
 from tests.unit.test_peer_containment import full_blocking_eventfd
 from tests.unit.test_vhost_user import BAD
 
@@ -197,6 +198,17 @@ def test_peer_socket_path_is_only_replaced_when_stale(tmp_path: Path) -> None:
         assert not path.exists()  # ours: removed
     finally:
         events.close()
+
+
+@pytest.mark.parametrize("kind", ["vhost-user-blk", "vfio-user"])
+def test_peer_socket_path_that_is_a_file_is_one_line_from_the_cli(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, kind: str) -> None:
+    path, img = tmp_path / "not-a-socket", tmp_path / "d.img"
+    path.write_text("precious")
+    img.write_bytes(bytes(64 * 1024))
+    rc, err = run_main(capsys, "backend", kind, "--socket", str(path), "--disk", str(img))
+    assert_one_line_error(rc, err, "is not a socket")
+    assert path.read_text() == "precious"
 
 
 # --- EMFILE on accept ------------------------------------------------------------------------
