@@ -62,7 +62,12 @@ def test_rx_space_callback_when_fifo_drains() -> None:
     s = Serial(on_rx_space=lambda: calls.append(1))
     s.enqueue_input(b"z" * 16)
     s.read(0, R.UART_RX, 1)
+    assert calls == []  # the host end was never refused: nothing to resume
+    assert s.enqueue_input(b"zz") == 1  # full again, one byte refused
+    s.read(0, R.UART_RX, 1)
     assert calls == [1]
+    s.read(0, R.UART_RX, 1)
+    assert calls == [1]  # once per refusal, not per byte
 
 
 def test_fcr_clears_the_receive_fifo() -> None:

@@ -79,6 +79,10 @@ EXIT_NAMES = {v: k[len("KVM_EXIT_"):].lower() for k, v in vars(K).items()
                   "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
 
 
+# How long a stop waits for a vCPU thread to leave KVM_RUN and its exit handler.
+VCPU_STOP_GRACE_S = 5.0
+
+
 @dataclass
 class RunResult:
     reason: str  # "debug-exit", "reset", "shutdown", "error", "timeout", "interrupted"
@@ -101,6 +105,8 @@ class Machine:
         self.result: RunResult | None = None
         self._stop_lock = threading.Lock()
         self._stopping = False
+        self.vcpu_stuck = False
+        self.vcpu_thread: threading.Thread | None = None
         self.events = EventManager()
         self.vm = Vm(self.kvm)
         self.mem = GuestMemory(L.ram_layout(cfg.memory))
@@ -281,19 +287,20 @@ class Machine:
         t0 = time.monotonic()
         cpu0 = time.thread_time()
         thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
+        self.vcpu_thread = thread
         thread.start()
         deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
         try:
             while not self._stopping:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                self.events.run_once(wait)
+                self.events.run_once(wait)  # contains what its callbacks raise
                 if deadline is not None and time.monotonic() >= deadline:
                     self.stop("timeout", 124, f"no result within {self.cfg.timeout:g} s")
         except KeyboardInterrupt:
             self.stop("interrupted", 130, "interrupted")
-        while thread.is_alive():
-            self.vcpu.kick()
-            thread.join(0.05)
+        except Exception as e:  # the loop itself failed (not a callback): report, stop
+            self.stop("error", 1, f"internal error in the event loop: {e!r}")
+        self._join_vcpu(thread)
         assert self.result is not None
         self.result.wall_time = time.monotonic() - t0
         self.event_loop_cpu = time.thread_time() - cpu0  # device work + host I/O
@@ -301,6 +308,28 @@ class Machine:
                                    for k, v in sorted(self.exit_counts.items())}
         self.serial_io.flush()
         return self.result
+
+    def _join_vcpu(self, thread: threading.Thread) -> None:
+        """Kick the vCPU out of KVM_RUN until its thread ends — but not forever: a thread
+        stuck in device code (a loop a guest found) never sees the kick, and a stop that
+        waited for it would make neither --timeout nor Ctrl-C end the VMM. After the
+        grace period the thread is abandoned (it is a daemon) and said to be; ``close``
+        leaves the VM and guest memory it may still touch alone while it lives."""
+        grace = VCPU_STOP_GRACE_S
+        give_up = time.monotonic() + grace
+        while thread.is_alive():
+            try:
+                self.vcpu.kick()
+                thread.join(0.05)
+            except KeyboardInterrupt:
+                break  # a second Ctrl-C: stop waiting now
+            if time.monotonic() >= give_up:
+                break
+        if thread.is_alive():
+            self.vcpu_stuck = True
+            assert self.result is not None
+            self.result.message += (f"; vCPU 0 did not stop within {grace:g} s "
+                                    "(stuck in device code) and was abandoned")
 
     def _vcpu_thread(self) -> None:
         vcpu = self.vcpu
@@ -349,7 +378,11 @@ class Machine:
                             if direction:
                                 pio_write(port, size, int.from_bytes(run[off:off + size], "little"))
                             else:
-                                run[off:off + size] = pio_read(port, size).to_bytes(size, "little")
+                                # Masked: a device that answers wider than the access
+                                # (or negative) must not make the conversion raise and
+                                # leave stale data in the guest's register.
+                                run[off:off + size] = (pio_read(port, size) & (
+                                    (1 << (8 * size)) - 1)).to_bytes(size, "little")
                             off += size
                     elif reason == EXIT_MMIO:
                         n_mmio += 1
@@ -359,7 +392,7 @@ class Machine:
                         if is_write:
                             mmio_write(addr, length, data & ((1 << (8 * length)) - 1))
                         else:
-                            v = mmio_read(addr, length)
+                            v = mmio_read(addr, length) & ((1 << (8 * length)) - 1)
                             run[40:40 + length] = v.to_bytes(length, "little")
                     else:
                         counts[reason] += 1
@@ -408,11 +441,16 @@ class Machine:
             "exits": {EXIT_NAMES.get(k, str(k)): v for k, v in sorted(self.exit_counts.items())},
             "buses": [self.pio.snapshot(), self.mmio.snapshot()],
             "guest_errors": dict(self.guest_errors.counts),
+            # Exceptions the event loop contained: faults (PyvmmErrors) and VMM bugs.
+            "event_loop": {"faults": self.events.faults, "bugs": self.events.bugs,
+                           "errors": dict(self.events.errors.counts)},
+            "vcpu_stuck": self.vcpu_stuck,
             "irqchip": self._irqchip_report(),
             "virtio": [{"device": v.name, "requests": v.device.requests,
                         "deferred_to_io_pool": getattr(v.device, "deferred", 0),
                         "bytes": v.device.bytes, "notifications": v.core.notifications,
-                        "interrupts": v.interrupts, "needs_reset": v.core.needs_reset_count}
+                        "interrupts": v.interrupts, "needs_reset": v.core.needs_reset_count,
+                        "bugs": v.core.bugs}
                        for v in self.virtio_transports()],
             "pci": {"bad_config_accesses": self.pci.bad_config_accesses,
                     "rejected_bars": self.pci.rejected_bars,
@@ -473,6 +511,11 @@ class Machine:
         return "\n".join(lines)
 
     def close(self) -> None:
+        if self.vcpu_thread is not None and self.vcpu_thread.is_alive():
+            # A vCPU thread still runs device code against this VM, its memory and its
+            # backends: freeing them under it could crash the process or reuse fds it
+            # still writes to. They go when the process exits.
+            return
         for t in getattr(self, "timers", []):
             t.close()
         if getattr(self, "io_pool", None) is not None:

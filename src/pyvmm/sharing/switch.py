@@ -134,7 +134,10 @@ class Switch:
             try:
                 p.send(frame)
                 p.stats.tx_frames += 1
-            except (BlockingIOError, ConnectionRefusedError):
+            except OSError:
+                # Full (BlockingIOError), gone (ConnectionRefusedError), or a TAP uplink
+                # that refuses the frame (EIO while down, EINVAL for a bad vnet header):
+                # this port loses the frame, the others still get it.
                 p.stats.congested += 1
 
     def stats(self) -> list[PortStats]:

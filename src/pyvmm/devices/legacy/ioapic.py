@@ -92,6 +92,11 @@ class IoApic:
 
     # --- MMIO ----------------------------------------------------------------------
     def read(self, base: int, offset: int, size: int) -> int:
+        # The registers are 32 bits wide; a narrower load sees their low bytes (as the
+        # bus guarantees: a value never wider than the access).
+        return self._read32(offset) & ((1 << (8 * min(size, 4))) - 1)
+
+    def _read32(self, offset: int) -> int:
         if offset == IOREGSEL:
             return self.ioregsel
         if offset != IOWIN:

@@ -92,6 +92,10 @@ class Serial:
         self.fifo_enabled = False
         self.thr_interrupt_pending = True
         self.rx: deque[int] = deque()
+        # The host end offered input that did not fit (a full FIFO, or loopback, when
+        # the line is disconnected); it has paused and waits for on_rx_space. Whatever
+        # frees room — an RBR read, FCR CLEAR_RCVR, leaving loopback — resumes it.
+        self._starved = False
         self.tx_bytes = 0
         self.rx_dropped = 0
 
@@ -103,9 +107,9 @@ class Serial:
         """Feed received bytes; returns how many fit in the FIFO. In loopback mode
         the line is disconnected and nothing is taken."""
         with self._lock:
-            if self.mcr & UART_MCR_LOOP:
-                return 0
-            n = min(len(data), self.rx_space())
+            n = 0 if self.mcr & UART_MCR_LOOP else min(len(data), self.rx_space())
+            if n < len(data):
+                self._starved = True
             self.rx.extend(data[:n])
             if n:
                 self.lsr |= UART_LSR_DR
@@ -133,8 +137,7 @@ class Serial:
             if not self.rx:
                 self.lsr &= ~UART_LSR_DR
             self._update_irq()
-            if self.on_rx_space is not None and self.rx_space() == 1:
-                self.on_rx_space()
+            self._room_made()
             return value
         if reg == UART_IER:
             return self.dlm if self._dlab() else self.ier
@@ -188,6 +191,7 @@ class Serial:
             if value & UART_FCR_CLEAR_RCVR:
                 self.rx.clear()
                 self.lsr &= ~UART_LSR_DR
+                self._room_made()
         elif reg == UART_LCR:
             self.lcr = value
         elif reg == UART_MCR:
@@ -195,6 +199,7 @@ class Serial:
             self.mcr = value & 0x1F
             new = self._msr()
             self._latch_msr_deltas(old, new)
+            self._room_made()  # out of loopback: the line takes input again
         elif reg == UART_LSR:
             pass  # factory test register on some parts; read-only here
         elif reg == UART_MSR:
@@ -202,6 +207,12 @@ class Serial:
         elif reg == UART_SCR:
             self.scr = value
         self._update_irq()
+
+    def _room_made(self) -> None:
+        if (self._starved and self.rx_space() > 0 and not self.mcr & UART_MCR_LOOP
+                and self.on_rx_space is not None):
+            self._starved = False
+            self.on_rx_space()
 
     def _msr(self) -> int:
         if self.mcr & UART_MCR_LOOP:

@@ -9,7 +9,8 @@ A full completion queue stops its submission queues until the host frees entries
 Data is described by PRPs: PRP1 points into the first page (with an offset), PRP2 is
 the second page or, for transfers past two pages, a PRP list — an array of page
 pointers that may chain to another list page in its last entry. The walk is bounded
-by the transfer length (itself capped by MDTS), so a list cannot make it loop.
+by the transfer length (itself capped by MDTS): each list page must yield at least one
+data page, so a list cannot make it loop.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def prp_segments(mem: GuestMemory, prp1: int, prp2: int, length: int) -> list[tu
         room = (PAGE - entry % PAGE) // 8  # entries left in this list page
         chained = pages > room  # the last entry then points at the next list page
         n = room - 1 if chained else pages
+        if n == 0:
+            # A list page whose only entry is the chain pointer yields no page: followed,
+            # a pointer to itself (or two such slots pointing at each other) would loop
+            # forever. Every list page must give at least one entry, so the walk visits
+            # at most as many list pages as the transfer has pages.
+            raise PrpError(N.NVME_SC_INVALID_PRP_OFFSET)
         try:
             raw = mem.read(entry, 8 * (n + int(chained)))
         except GuestMemoryError:

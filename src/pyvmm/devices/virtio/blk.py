@@ -250,9 +250,8 @@ class VirtioBlk(VirtioDevice):
                     return
                 try:
                     self._finish(mem, vq, chain, status_addr, status, written, moved)
-                except GuestMemoryError as e:
-                    if self.on_error is not None:
-                        self.on_error(f"queue 0: {e}")
+                except Exception as e:
+                    self.fail(0, e)
 
         self.pool.submit(work)
 
@@ -292,9 +291,13 @@ class VirtioBlk(VirtioDevice):
         return V.VIRTIO_BLK_S_UNSUPP, 0
 
     def _segments(self, mem: GuestMemory, typ: int, rdata: list[Descriptor]) -> int:
-        raw = _gather(mem, rdata, sum(d.len for d in rdata))
-        if not raw or len(raw) % 16 or len(raw) // 16 > MAX_DISCARD_SEG or self.backend.read_only:
+        # The size check comes from the descriptors' lengths, before a byte is read: a
+        # chain whose descriptors each span guest RAM would otherwise make one request
+        # copy many times RAM (segments are 16 bytes, at most MAX_DISCARD_SEG of them).
+        total = sum(d.len for d in rdata)
+        if not total or total % 16 or total // 16 > MAX_DISCARD_SEG or self.backend.read_only:
             return V.VIRTIO_BLK_S_IOERR
+        raw = _gather(mem, rdata, total)
         segs = [_seg.unpack_from(raw, i) for i in range(0, len(raw), 16)]
         for sector, count, flags in segs:
             if count > MAX_DISCARD_SECTORS or not self._range_ok(sector, count * 512):

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 
 from pyvmm.devices.virtio.core import VirtioDevice
-from pyvmm.devices.virtio.queue import DescriptorChain, VirtqueueError
+from pyvmm.devices.virtio.queue import DescriptorChain
 from pyvmm.uapi import virtio as V
 
 RXQ, TXQ = 0, 1
@@ -81,7 +81,6 @@ class VirtioConsole(VirtioDevice):
                         taken += n
                         written += n
                     self.complete(vq, chain, written)
-            except VirtqueueError as e:
-                if self.on_error is not None:
-                    self.on_error(f"queue {RXQ}: {e}")
+            except Exception as e:  # a broken chain, a buffer outside RAM: NEEDS_RESET
+                self.fail(RXQ, e)
             return taken

@@ -39,10 +39,13 @@ class VirtioDevice:
 
     def __init__(self) -> None:
         self.acked = 0
-        # Set by the core: devices with host-side event sources (a TAP) take it, and
-        # report queue errors through on_error so the core can set NEEDS_RESET.
+        # Set by the host (the core, or a vhost-user session): devices with host-side
+        # event sources (a TAP, host input, timers, pool completions) take the lock, and
+        # report what goes wrong there through ``fail`` so the host can set NEEDS_RESET
+        # (or stop the ring), exactly as for a fault in a kick.
         self.core_lock: threading.RLock = threading.RLock()
-        self.on_error: Callable[[str], None] | None = None
+        self.on_fault: Callable[[int, Exception], None] | None = None
+        self.faults = OnceLog()
         self.mem: GuestMemory | None = None
         self.queues: list[Virtqueue | None] = []
         self.irq: VirtioInterrupt | None = None
@@ -80,6 +83,16 @@ class VirtioDevice:
         assert vq is not None and self.mem is not None  # the core checked before calling
         return vq
 
+    def fail(self, index: int, e: Exception) -> None:
+        """Device work the host started (not a kick) raised ``e`` on queue ``index``:
+        hand it to the host's fault handling, the one place that decides what a fault
+        means (the caller holds ``core_lock``)."""
+        if self.on_fault is not None:
+            self.on_fault(index, e)
+        else:  # not attached to a host (a unit test): still log it once
+            self.faults.warn(f"{type(e).__name__}", f"virtio {type(self).__name__}: queue "
+                             f"{index}: {e!r} with no host to report it to")
+
     def complete(self, vq: Virtqueue, chain: DescriptorChain, written: int) -> None:
         """add_used and interrupt if the driver wants one (EVENT_IDX honoured)."""
         vq.add_used(chain, written)
@@ -94,8 +107,9 @@ class VirtioCore:
         self.queues = [QueueConfig(n) for n in device.queue_max_sizes]
         self.lock = threading.RLock()  # vCPU (registers) and event loop (queues)
         device.core_lock = self.lock
-        device.on_error = self.needs_reset
+        device.on_fault = self.fault
         self.errors = OnceLog()
+        self.bugs = 0  # exceptions that were not a guest fault: VMM bugs, contained
         self.irq: VirtioInterrupt | None = None
         self.needs_reset_count = 0
         self.notifications = 0
@@ -232,5 +246,18 @@ class VirtioCore:
                 return
             try:
                 self.device.process_queue(index)
-            except (VirtqueueError, GuestMemoryError) as e:
-                self.needs_reset(f"queue {index}: {e}")
+            except Exception as e:
+                self.fault(index, e)
+
+    def fault(self, index: int, e: Exception) -> None:
+        """Every exception out of device work (kick or host event) ends here: a guest's
+        broken ring or address is what NEEDS_RESET is for; anything else is a VMM bug,
+        contained the same way (the device's state may be half updated, so it stops
+        until the driver resets it) and counted."""
+        if isinstance(e, VirtqueueError | GuestMemoryError):
+            self.needs_reset(f"queue {index}: {e}")
+            return
+        self.bugs += 1
+        self.errors.warn(f"bug:{type(e).__name__}", f"virtio {type(self.device).__name__}: "
+                         f"VMM bug on queue {index}: {e!r}; contained")
+        self.needs_reset(f"queue {index}: internal error {type(e).__name__}")

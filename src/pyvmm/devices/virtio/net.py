@@ -104,24 +104,36 @@ class VirtioNet(VirtioDevice):
             if total <= V.VIRTIO_NET_HDR_SIZE or total > MAX_FRAME:
                 self.tx_dropped += 1
             else:
-                self.tap.writev([mem.view(d.addr, d.len) for d in descs if d.len])
-                self.tx_frames += 1
-                self.bytes += total
+                bufs = [mem.view(d.addr, d.len) for d in descs if d.len]
+                try:
+                    self.tap.writev(bufs)
+                except OSError as e:
+                    # The host end refused the frame (a TAP: EINVAL for a bad vnet/GSO
+                    # header or a runt, EIO while the link is down). A NIC drops what its
+                    # wire will not take; the guest's queue goes on.
+                    self.tx_dropped += 1
+                    self.faults.warn(f"tx:{e.errno}", f"virtio-net: host refused a "
+                                     f"{total}-byte frame: {e.strerror}; dropped")
+                else:
+                    self.tx_frames += 1
+                    self.bytes += total
             self.requests += 1
             self.complete(vq, chain, 0)
 
     # --- receive -------------------------------------------------------------------------
     def _on_tap(self, fd: int, events: int) -> None:
         # Event loop, like notifications; the core's lock keeps a concurrent reset from
-        # the vCPU thread out. A malformed receive buffer makes the device need a reset.
+        # the vCPU thread out. A malformed receive buffer (a broken chain, an address
+        # outside RAM) makes the device need a reset, as in a kick; so does anything else
+        # that goes wrong here, through the same ``fail``.
         with self.core_lock:
             if not self.queues:
                 return
             try:
                 self._receive()
-            except VirtqueueError as e:
-                if self.on_error is not None:
-                    self.on_error(f"queue {RXQ}: {e}")
+            except Exception as e:
+                self._watch(False)  # a failed device reads no more frames until reset
+                self.fail(RXQ, e)
 
     def _receive(self) -> None:
         if not self.queues or self.queues[RXQ] is None:
@@ -129,7 +141,12 @@ class VirtioNet(VirtioDevice):
         vq = self.queue(RXQ)
         while True:
             if self.pending is None:
-                self.pending = self.tap.read()
+                try:
+                    self.pending = self.tap.read()
+                except OSError as e:  # a host-side read error loses no guest state
+                    self.faults.warn(f"rx:{e.errno}", f"virtio-net: reading the host end "
+                                     f"failed: {e.strerror}")
+                    self.pending = None
                 if self.pending is None:
                     self._watch(True)
                     return

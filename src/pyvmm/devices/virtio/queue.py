@@ -118,7 +118,11 @@ class DescriptorChain:
                     raise VirtqueueError("nested or unnegotiated indirect descriptor")
                 if length == 0 or length % 16 or flags & _F_NEXT:
                     raise VirtqueueError(f"bad indirect table length {length}")
-                table, limit, index, seen, indirect = q.view(addr, length), length // 16, 0, 0, True
+                # The indirect descriptor stands for its table's entries: it does not
+                # count itself, and ``seen`` carries on (not from 0), so a whole chain —
+                # main-table part plus table — is at most queue-size descriptors.
+                table, limit, index, indirect = q.view(addr, length), length // 16, 0, True
+                seen -= 1
                 continue
             out.append(Descriptor(addr, length, bool(flags & _F_WRITE)))
             if not flags & _F_NEXT:

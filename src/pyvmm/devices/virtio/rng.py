@@ -20,8 +20,6 @@ import os
 from collections.abc import Callable
 
 from pyvmm.devices.virtio.core import VirtioDevice
-from pyvmm.devices.virtio.queue import VirtqueueError
-from pyvmm.errors import GuestMemoryError
 from pyvmm.sharing.ratelimit import TokenBucket
 from pyvmm.uapi import virtio as V
 
@@ -86,6 +84,5 @@ class VirtioRng(VirtioDevice):
                 return  # reset meanwhile: the timer finds no queue and does nothing
             try:
                 self.process_queue(0)
-            except (VirtqueueError, GuestMemoryError) as e:
-                if self.on_error is not None:
-                    self.on_error(f"queue 0: {e}")
+            except Exception as e:
+                self.fail(0, e)
