@@ -385,3 +385,23 @@ def test_peer_14_nvme_queue_unmapped_is_fatal(tmp_path: Path) -> None:
         assert not ctl.csts & N.NVME_CSTS_CFS
         ctl.dma_unmapped(0x20000, 0x1000)  # under the admin completion queue
         assert ctl.csts & N.NVME_CSTS_CFS
+
+
+def test_peer_host_started_work_fault_stops_only_that_ring(vhost: VhostSetup) -> None:
+    """A fault in work the host started (a pool completion, a TAP frame) reaches the
+    session through ``VirtioDevice.fail``: that ring stops, the session and B go on."""
+    from pyvmm.errors import GuestMemoryError
+
+    a, b = vhost.blk("a"), vhost.blk("b")
+    session = vhost.server.sessions[0]
+    with session.device.core_lock:
+        session.device.fail(0, GuestMemoryError("a completion outside guest RAM"))
+    assert session.rings[0].vq is None and session.device.queues[0] is None
+    a.mem.write(a.st, b"\xff")
+    a.dq.add([(a.hdr, 16, False), (a.buf, 512, True), (a.st, 1, True)])
+    a.kick()
+    vhost.loop.steps()
+    assert a.dq.used_idx() == 0 and len(vhost.server.sessions) == 2
+    b.read(vhost.loop, 1)
+    a.close()
+    b.close()

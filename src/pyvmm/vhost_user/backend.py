@@ -100,6 +100,7 @@ class Session:
         self.errors = errors or OnceLog()
         self.closed = False
         self.inflight: InflightArea | None = None
+        device.on_fault = self._ring_fault  # host-started work: pool completions, TAP frames
         self.channel = MessageChannel(conn, events, header_size=HEADER.size, frame=frame,
                                       handler=self._message, on_close=self._ended,
                                       name="vhost-user", errors=self.errors, limits=limits)
@@ -318,12 +319,22 @@ class Session:
                 return
         if ring.vq is None:
             return
-        try:
-            with self.device.core_lock:  # pool completions take it too (VirtioBlk)
+        with self.device.core_lock:  # pool completions take it too (VirtioBlk)
+            try:
                 self.device.process_queue(index)
-        except PyvmmError as e:  # VirtqueueError, GuestMemoryError: the ring's own fault
-            self.errors.warn("ring", f"vhost-user: ring {index}: {e}; ring stopped")
-            ring.vq = None
+            except PyvmmError as e:  # VirtqueueError, GuestMemoryError: the ring's own fault
+                self._ring_fault(index, e)
+
+    def _ring_fault(self, index: int, e: Exception) -> None:
+        """Work on ring ``index`` failed (a kick, or host-started work through
+        ``VirtioDevice.fail``; the device lock is held): that ring stops — the device
+        drops its queue too, so neither TAP frames nor pool completions touch it."""
+        self.errors.warn(f"ring:{type(e).__name__}",
+                         f"vhost-user: ring {index}: {e!r}; ring stopped")
+        if 0 <= index < len(self.rings):
+            self.rings[index].vq = None
+        if 0 <= index < len(self.device.queues):
+            self.device.queues[index] = None
 
     def _stop(self, ring: Ring) -> None:
         ring.vq = None
