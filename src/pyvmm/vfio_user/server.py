@@ -308,7 +308,10 @@ class Session:
         self.closed = True
         self.channel.close()
         try:
-            self.device.dma_unmapped(0, 1 << 64)  # all of it goes
+            # A reset first, as for a function whose host went away (no NEEDS_RESET
+            # to report to anyone); then all memory goes: I/O still in flight finishes.
+            self.device.reset()
+            self.device.dma_unmapped(0, 1 << 64)
             self.device.close()  # e.g. the test device's shared-BAR memfd
         finally:
             for slots in self.irq_fds.values():
