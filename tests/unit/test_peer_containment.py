@@ -186,7 +186,7 @@ def test_peer_10_pyvmm_memfds_are_sealed_against_resizing() -> None:
 
 
 # --- 11: an inflight region with fewer entries than the ring ---------------------------------
-@pytest.mark.parametrize("order", ["region first", "ring size first"])
+@pytest.mark.parametrize("order", ["region-first", "ring-size-first"])
 def test_peer_11_inflight_region_smaller_than_ring(vhost: VhostSetup, order: str) -> None:
     b = vhost.blk()
     a = vhost.peer()
@@ -198,10 +198,10 @@ def test_peer_11_inflight_region_smaller_than_ring(vhost: VhostSetup, order: str
         set_region = (Request.SET_INFLIGHT_FD, INFLIGHT.pack(area.size, 0, 1, 4),
                       [os.dup(area.fd)])
         set_num = (Request.SET_VRING_NUM, struct.pack("<II", 0, 8), [])
-        for req, payload, fds in ((set_region, set_num) if order == "region first"
+        for req, payload, fds in ((set_region, set_num) if order == "region-first"
                                   else (set_num, set_region)):
             a.send(req, payload, fds)
-        if order == "ring size first":  # refused when the ring starts
+        if order == "ring-size-first":  # refused when the ring starts
             a.send(Request.SET_VRING_ADDR, struct.pack("<IIQQQQ", 0, 0, 0x7F0000010000,
                                                        0x7F0000011000, 0x7F0000010800, 0))
             kick = os.eventfd(0, os.EFD_NONBLOCK)
