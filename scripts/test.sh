@@ -8,6 +8,7 @@ cd "$ROOT"
 make -s -C guests
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache >/dev/null || .venv/bin/lint-imports --no-cache
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import functools
 import logging
 import signal
 import sys
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
+from pyvmm import schema
+from pyvmm.devices.spec import DeviceSpec
 from pyvmm.errors import ConfigError, KvmError, KvmUnavailable, PvmProbeError, PyvmmError
-from pyvmm.machine.config import MachineConfig, SerialConfig, parse_int, parse_size
+from pyvmm.machine.config import MachineConfig, device_entry, load_json_object
+from pyvmm.registry import DEVICES
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 2
@@ -23,39 +27,95 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"pyvmm: error: {message} (see 'pyvmm --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _DeviceArg(argparse.Action):
+    """Keeps every device option in one list, in command-line order (slot order)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        items = list(getattr(ns, "device_args", None) or [])
+        items.append((self.dest, "" if values is None else str(values)))
+        ns.device_args = items
+
+
+def add_machine_options(r: argparse.ArgumentParser,
+                        registry: tuple[DeviceSpec, ...] = DEVICES) -> None:
+    """``pyvmm run``'s options, generated from MachineConfig and the device registry:
+    the same declarations as the JSON config, its schema and docs/config.md."""
+    r.add_argument("--config", help="JSON file with the same fields (docs/config.md)")
+    for f in schema.fields_of(MachineConfig):
+        if f.cli == "":
+            continue
+        flags = [f.cli or "--" + f.name.replace("_", "-")]
+        if f.short:
+            flags.append(f.short)
+        if f.base is bool:
+            # A flag sets the non-default value; JSON spells both.
+            r.add_argument(*flags, dest=f.name, action="store_const",
+                           const="off" if f.default else "on",
+                           help=f"leave out {f.doc}" if f.default else f.doc)
+            continue
+        choices = schema.type_name(f) if isinstance(f.base, type) and issubclass(
+            f.base, enum.Enum) else None
+        r.add_argument(*flags, dest=f.name, metavar=f.metavar or (
+            "{" + choices.replace("|", ",") + "}" if choices else None),
+            help=f.doc if f.required else f"{f.doc} (default {schema.default_text(f)})")
+    seen: dict[str, list[DeviceSpec]] = {}
+    for spec in registry:
+        if spec.option:
+            seen.setdefault(spec.option, []).append(spec)
+    for opt, specs in seen.items():
+        first = specs[0]
+        needs_value = any(f.required for f in schema.fields_of(first.config))
+        keys = sorted({f.key for s in specs for f in schema.fields_of(s.config)})
+        sel = ""
+        if first.select is not None:
+            sel = f"{first.select[0]}={'|'.join(s.select[1] for s in specs if s.select)},"
+        r.add_argument(f"--{opt}", dest=opt, action=_DeviceArg,
+                       nargs=None if needs_value else "?", metavar="K=V,...",
+                       help=f"{', '.join(s.summary for s in specs)}: {sel}"
+                       f"{','.join(k + '=..' for k in keys)} (repeatable)")
+    r.add_argument("--device", dest="device", action=_DeviceArg, metavar="TYPE[,K=V,...]",
+                   help="any device by its type: "
+                   + ", ".join(s.name for s in registry) + " (repeatable)")
+
+
+def device_from_arg(opt: str, text: str, registry: tuple[DeviceSpec, ...] = DEVICES
+                    ) -> dict[str, str | list[str]]:
+    """One ``--device TYPE,...`` or ``--disk ...`` as a ``{"type": ..., key: value}``."""
+    if opt == "device":
+        name, _, rest = text.partition(",")
+        spec = registry_find(name, registry)
+        if spec is None:
+            names = [s.name for s in registry]
+            raise ConfigError(f"--device {text!r}: unknown device type {name!r}"
+                              f"{schema.did_you_mean(name, names)} (one of {', '.join(names)})")
+        return {"type": name, **schema.parse_kv(rest, spec.positional, f"--device {name}")}
+    specs = [s for s in registry if s.option == opt]
+    items = schema.parse_kv(text, specs[0].positional, f"--{opt}")
+    chosen = specs[0]
+    if chosen.select is not None:
+        key = chosen.select[0]
+        want = items.pop(key, chosen.select[1])
+        if isinstance(want, list):
+            raise ConfigError(f"--{opt} {text!r}: {key} given more than once")
+        match = [s for s in specs if s.select is not None and s.select[1] == want]
+        if not match:
+            values = ", ".join(s.select[1] for s in specs if s.select)
+            raise ConfigError(f"--{opt} {text!r}: {key} must be one of {values}")
+        chosen = match[0]
+    return {"type": chosen.name, **items}
+
+
+def registry_find(name: str, registry: tuple[DeviceSpec, ...]) -> DeviceSpec | None:
+    return next((s for s in registry if s.name == name), None)
+
+
+def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.ArgumentParser:
     p = _Parser(prog="pyvmm", description="A KVM VMM in Python for seeing, measuring and "
                 "changing I/O virtualization.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="boot a kernel")
-    r.add_argument("--config", help="JSON file with the same fields as the options")
-    r.add_argument("--kernel", help="ELF (PVH note or 64-bit), multiboot, or flat image")
-    r.add_argument("--memory", "-m", help="guest RAM, e.g. 64M or 1G (default 64M)")
-    r.add_argument("--cmdline", help="kernel command line")
-    r.add_argument("--serial", help="stdio (default), file:PATH, socket:PATH or none")
-    r.add_argument("--load-addr", help="load a flat binary here (forces the flat format)")
-    r.add_argument("--entry", help="entry address of a flat binary (default: load address)")
-    r.add_argument("--exits-json", help="write per-device exit accounting as JSON here")
-    r.add_argument("--debug-exit-port", help="test-exit port (default 0xf4)")
-    r.add_argument("--debug-exit-size", help="test-exit port width: 1, 2 or 4 (default 4)")
-    r.add_argument("--irqchip", help="kernel (KVM's PIC/IOAPIC/PIT, default) or split "
-                   "(LAPIC in KVM, PIC/IOAPIC/PIT in Python)")
-    r.add_argument("--timeout", help="stop the VM after this many seconds (exit code 124)")
-    r.add_argument("--quiet", "-q", action="store_true", help="no exit table or notices")
-    r.add_argument("--disk", action="append",
-                   help="disk: path=IMG[,readonly=on][,transport=pci|mmio][,if=virtio|nvme] "
-                   "(repeatable)")
-    r.add_argument("--rng", nargs="?", const="pci", choices=["pci", "mmio"],
-                   help="add a virtio-rng device (optionally =mmio)")
-    r.add_argument("--rng-rate", help="virtio-rng: at most this many bytes per second")
-    r.add_argument("--msi", help="irqfd (default: an irqfd and GSI route per device vector) "
-                   "or signal (KVM_SIGNAL_MSI per message)")
-    r.add_argument("--console", help="virtio-console host end: stdio, file:PATH, socket:PATH")
-    r.add_argument("--console-transport", choices=["pci", "mmio"], help="default pci")
-    r.add_argument("--net", action="append",
-                   help="virtio-net on a TAP: tap=NAME|auto[,mac=52:54:00:..] (repeatable)")
-    r.add_argument("--no-pci-testdev", action="store_true",
-                   help="leave the PCI test device (00:01.0) out")
+    add_machine_options(r, registry)
     b = sub.add_parser("backend", help="serve a device to other VMMs (vhost-user)")
     b.add_argument("kind", choices=["vhost-user-blk", "vhost-user-net", "vfio-user"],
                    help="what to serve")
@@ -63,50 +123,75 @@ def build_parser() -> argparse.ArgumentParser:
                    "a TAP uplink on the switch")
     b.add_argument("--port-rate", help="vhost-user-net: bytes/s each guest may send into "
                    "the switch (frames over it are dropped)")
-    b.add_argument("--device", choices=["pci-testdev", "virtio-blk", "virtio-net", "nvme"],
-                   default="virtio-blk",
-                   help="vfio-user: the PCI function to export (default virtio-blk)")
+    b.add_argument("--device", default="virtio-blk", metavar="TYPE[,K=V,...]",
+                   help="vfio-user: the PCI function to export: pci-testdev, or a device "
+                   "of the registry (" + ", ".join(s.name for s in registry if s.exportable)
+                   + "; default virtio-blk)")
     b.add_argument("--socket", action="append", required=True,
                    help="Unix socket to listen on (repeat with --disk for more images)")
     b.add_argument("--disk", action="append", help="raw image for each socket")
     b.add_argument("--readonly", action="store_true", help="serve the images read-only")
     i = sub.add_parser("info", help="describe the machine")
     i.add_argument("--machine", action="store_true", help="print the machine map")
+    i.add_argument("--devices", action="store_true", help="list the devices of the registry")
     i.add_argument("--no-pci-testdev", action="store_true", help="as for run")
+    c = sub.add_parser("config", help="the configuration's reference")
+    c.add_argument("--schema", action="store_true", help="print the JSON Schema")
+    c.add_argument("--doc", action="store_true", help="print docs/config.md")
     return p
 
 
-def _config_from_args(a: argparse.Namespace) -> MachineConfig:
-    fields = {
-        "kernel": a.kernel, "memory": a.memory, "cmdline": a.cmdline, "serial": a.serial,
-        "load_addr": a.load_addr, "entry": a.entry, "exits_json": a.exits_json,
-        "debug_exit_port": a.debug_exit_port, "debug_exit_size": a.debug_exit_size,
-        "timeout": a.timeout, "irqchip": a.irqchip, "disks": a.disk,
-        "nets": a.net, "console": a.console, "console_transport": a.console_transport,
-        "rng": a.rng, "rng_rate": a.rng_rate, "msi": a.msi,
-    }
-    if a.config:
-        cfg = MachineConfig.from_json(a.config, fields)
-    else:
+def _config_from_args(a: argparse.Namespace,
+                      registry: tuple[DeviceSpec, ...] = DEVICES) -> MachineConfig:
+    board: dict[str, Any] = {}
+    for f in schema.fields_of(MachineConfig):
+        v = getattr(a, f.name, None)
+        if v is not None and f.cli != "":
+            board[f.key] = v
+    devices = [device_from_arg(opt, text, registry)
+               for opt, text in (getattr(a, "device_args", None) or [])]
+    if not a.config:
         if not a.kernel:
             raise ConfigError("no kernel given (use --kernel PATH or --config FILE)")
-        cfg = MachineConfig.from_dict({k: v for k, v in fields.items() if v is not None},
-                                      source="command line")
-    if a.quiet:
-        cfg.quiet = True
-    if a.no_pci_testdev:
-        cfg.pci_testdev = False
-
+        return MachineConfig.from_dict({**board, "devices": devices}, source="command line",
+                                       text=True, registry=registry)
+    # A config file, with the command line's options on top of it (and its devices
+    # after the file's).
+    raw = load_json_object(a.config, "config file")
+    if "kernel" in board:
+        raw["kernel"] = board.pop("kernel")
+    cfg = MachineConfig.from_dict(raw, source=a.config, registry=registry)
+    fields = {f.key: f for f in schema.fields_of(MachineConfig)}
+    for key, value in board.items():
+        try:
+            setattr(cfg, fields[key].name, schema.convert(fields[key], value, text=True))
+        except ValueError as e:
+            raise ConfigError(f"command line: {key}: {e}") from None
+    cfg.devices += [device_entry(d, f"command line: device {i}", registry, text=True)
+                    for i, d in enumerate(devices)]
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise ConfigError(f"command line: {e}") from None
     return cfg
 
 
 def _info(a: argparse.Namespace) -> int:
     from pyvmm.bus import IoBus, MmioBus
-    from pyvmm.irq.chip import RecordingMsiSink
+    from pyvmm.irq.msi import RecordingMsiSink
     from pyvmm.machine.layout import MACHINE_MAP
     from pyvmm.machine.pci import build_pci, describe
     from pyvmm.memory import GuestMemory
 
+    if a.devices:
+        print(f"{'type':16} {'kind':6} {'option':24} summary")
+        for spec in DEVICES:
+            opt = ""
+            if spec.option:
+                opt = f"--{spec.option}" + (f" {spec.select[0]}={spec.select[1]}"
+                                            if spec.select else "")
+            print(f"{spec.name:16} {spec.kind.value:6} {opt:24} {spec.summary}")
+        return 0
     print(f"{'name':16} {'space':5} {'base':>12} {'size':>8}  gsi  what")
     for e in MACHINE_MAP:
         gsi = "" if e.gsi is None else str(e.gsi)
@@ -153,7 +238,12 @@ def _vhost_user_net(a: argparse.Namespace) -> int:
 
     if a.disk:
         raise ConfigError("vhost-user-net takes no --disk")
-    rate = None if a.port_rate is None else parse_int(a.port_rate, "port-rate")
+    rate = None
+    if a.port_rate is not None:
+        try:
+            rate = int(a.port_rate, 0)
+        except ValueError:
+            raise ConfigError(f"port-rate {a.port_rate!r} is not a number") from None
     if rate is not None and rate <= 0:
         raise ConfigError("port-rate must be a positive number of bytes per second")
     server = VhostUserServer()
@@ -191,51 +281,75 @@ def _serve(server: _Server, what: str) -> int:
 
 
 def _vfio_user(a: argparse.Namespace) -> int:
-    from pyvmm.backends.block import RawBlockBackend
-    from pyvmm.backends.tap import Tap
-    from pyvmm.devices.nvme.controller import NvmeController
+    """Export one PCI function: the PCI test device, or any device of the registry (a
+    virtio device behind its virtio-pci transport), made by its spec as in the VMM."""
     from pyvmm.devices.pci.device import PCIDevice
     from pyvmm.devices.pci.testdev import PciTestDev
-    from pyvmm.devices.virtio.blk import VirtioBlk
-    from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.devices.spec import Kind
     from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
     from pyvmm.event import EventManager
-    from pyvmm.irq.chip import RecordingMsiSink
+    from pyvmm.irq.msi import RecordingMsiSink
+    from pyvmm.machine.export import ExportContext
     from pyvmm.memory import GuestMemory
     from pyvmm.vfio_user.server import VfioUserServer
 
     if len(a.socket) != 1:
         raise ConfigError("vfio-user serves one --socket")
-    backend = None
-    tap = None
-    if a.device in ("virtio-blk", "nvme"):
-        if not a.disk or len(a.disk) != 1:
-            raise ConfigError(f"vfio-user {a.device} needs one --disk")
-        backend = RawBlockBackend(a.disk[0], a.readonly)
-    if a.device == "virtio-net":
-        if not a.tap:
-            raise ConfigError("vfio-user virtio-net needs --tap NAME")
-        tap = Tap(a.tap)
     events = EventManager()
-
-    def make(mem: GuestMemory) -> PCIDevice:
-        # The MSI sink is unused: an exported function's MSI-X goes to the client's
-        # eventfds (MsixCapability.direct), set by the session.
-        if a.device == "pci-testdev":
+    name, _, rest = a.device.partition(",")
+    if name == "pci-testdev":
+        def make(mem: GuestMemory) -> PCIDevice:
             return PciTestDev(mem, RecordingMsiSink())
-        if tap is not None:
-            net = VirtioNet(tap, bytes.fromhex("525400123470"), events)
-            return VirtioPciDevice(net, mem, RecordingMsiSink())
-        assert backend is not None
-        if a.device == "nvme":
-            return NvmeController(backend, mem, RecordingMsiSink(), serial="pyvmm-vfu-nvme")
-        return VirtioPciDevice(VirtioBlk(backend, serial="pyvmm-vfu"), mem, RecordingMsiSink())
+    else:
+        spec = registry_find(name, DEVICES)
+        if spec is None or not spec.exportable or spec.kind is Kind.ISA:
+            names = ["pci-testdev", *(s.name for s in DEVICES if s.exportable)]
+            raise ConfigError(f"vfio-user: cannot export {name!r}"
+                              f"{schema.did_you_mean(name, names)} (one of {', '.join(names)})")
+        items = schema.parse_kv(rest, spec.positional, f"--device {name}")
+        keys = {f.key for f in schema.fields_of(spec.config)}
+        # The older spelling: --disk IMG, --readonly and --tap NAME fill the keys.
+        if a.disk and "path" in keys:
+            if len(a.disk) != 1:
+                raise ConfigError(f"vfio-user {name} takes one --disk")
+            items.setdefault("path", a.disk[0])
+        if a.readonly and "readonly" in keys:
+            items.setdefault("readonly", "on")
+        if a.tap and "tap" in keys:
+            items.setdefault("tap", a.tap)
+        cfg = device_entry({"type": name, **items}, "--device", DEVICES, text=True).config
+        chosen = spec
+
+        def make(mem: GuestMemory) -> PCIDevice:
+            # The MSI sink is unused: an exported function's MSI-X goes to the client's
+            # eventfds (MsixCapability.direct), set by the session.
+            ctx = ExportContext(chosen, mem, events)
+            dev = chosen.create(cfg, ctx)
+            fn: PCIDevice = (VirtioPciDevice(dev, mem, RecordingMsiSink())
+                             if chosen.kind is Kind.VIRTIO else dev)
+            ctx.attach(fn)
+            return fn
+
+        make(GuestMemory()).close()  # open and check everything now: errors before listening
 
     try:
         server = VfioUserServer(a.socket[0], make, events)
     except OSError as e:
         raise ConfigError(f"cannot listen on {a.socket[0]}: {e.strerror}") from None
-    return _serve(server, f"vfio-user exporting {a.device}")
+    return _serve(server, f"vfio-user exporting {name}")
+
+
+def _config_ref(a: argparse.Namespace) -> int:
+    import json
+
+    from pyvmm.machine.config import config_schema
+    from pyvmm.machine.configdoc import config_doc
+
+    if a.schema:
+        print(json.dumps(config_schema(), indent=2))
+    else:
+        print(config_doc(), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             return _info(args)
+        if args.command == "config":
+            return _config_ref(args)
         if args.command == "backend":
             return _backend(args)
         cfg = _config_from_args(args)
@@ -268,4 +384,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["SerialConfig", "build_parser", "main", "parse_int", "parse_size"]
+__all__ = ["build_parser", "main"]

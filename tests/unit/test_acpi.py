@@ -20,7 +20,7 @@ def dsl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         pytest.skip("iasl (acpica-tools) is not installed")
     d = tmp_path_factory.mktemp("acpi")
     out = {}
-    for sig, (_, blob) in tables.build().blobs.items():
+    for sig, (_, blob) in tables.build(mmio_slots=L.virtio_mmio_slots()).blobs.items():
         if sig == "RSDP":
             continue  # not an SDT; checked below in Python
         f = d / f"{sig.lower()}.dat"
@@ -72,6 +72,21 @@ def test_dsdt_describes_pci_root_legacy_devices_and_virtio_slots(dsl: dict[str, 
         assert f"0x{base:08X},         // Address Base" in d
         assert f"0x{gsi:08X}," in d
     assert d.count('"LNRO0005"') == L.VIRTIO_MMIO_SLOTS
+
+
+def test_the_pci_memory_window_holds_no_other_device() -> None:
+    # The host bridge's _CRS window must not contain the virtio-mmio slots, the IOAPIC,
+    # the LAPIC or the test register (it used to run up to the IOAPIC).
+    lo, hi = L.PCI_MEM_BASE, L.PCI_MEM_BASE + L.PCI_MEM_SIZE
+    for e in L.MACHINE_MAP:
+        if e.space == "mmio" and e.name != "pci-mem":
+            assert e.base + e.size <= lo or e.base >= hi, e.name
+
+
+def test_the_dsdt_describes_only_the_slots_given() -> None:
+    dsdt = tables.build(mmio_slots=L.virtio_mmio_slots()[:1]).blobs["DSDT"][1]
+    assert dsdt.count(b"LNRO0005") == 1
+    assert tables.build().blobs["DSDT"][1].count(b"LNRO0005") == 0
 
 
 def test_rsdp_checksums_and_xsdt_pointer() -> None:

@@ -82,7 +82,11 @@ def test_bad_serial(capsys: pytest.CaptureFixture[str], guests: Path, serial: st
 
 
 @pytest.mark.parametrize("content,text", [("{", "invalid JSON"), ("[]", "must be an object"),
-                                          ('{"kernel": "x", "colour": 1}', "unknown field"),
+                                          ('{"kernel": "x", "colour": 1}', "unknown key 'colour'"),
+                                          ('{"kernel": "x", "memroy": "1G"}',
+                                           "did you mean 'memory'"),
+                                          ('{"kernel": "x", "quiet": "false"}', "not a boolean"),
+                                          ('{"kernel": "x", "memory": true}', "not a size"),
                                           ('{"memory": "64M"}', "no kernel")])
 def test_bad_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str,
                          text: str) -> None:
@@ -97,11 +101,14 @@ def test_config_file_fields_match_options(tmp_path: Path, guests: Path) -> None:
 
     c = tmp_path / "vm.json"
     c.write_text(json.dumps({"kernel": str(guests / "hello.elf"), "memory": "32M",
-                             "serial": "file:/tmp/x", "cmdline": "a=1", "debug_exit_port": "0x501",
-                             "timeout": 5}))
+                             "serial": "file:/tmp/x", "cmdline": "a=1", "debug_exit_port": 0x501,
+                             "timeout": 5, "devices": [
+                                 {"type": "virtio-rng", "transport": "mmio", "rate": 64}]}))
     cfg = MachineConfig.from_json(str(c), {"cmdline": "b=2"})
-    assert cfg.memory == 32 << 20 and cfg.serial.kind == "file" and cfg.cmdline == "b=2"
+    assert cfg.memory == 32 << 20 and cfg.serial == "file:/tmp/x" and cfg.cmdline == "b=2"
     assert cfg.debug_exit_port == 0x501 and cfg.timeout == 5.0
+    (rng,) = cfg.of_type("virtio-rng")
+    assert rng.transport == "mmio" and rng.rate == 64  # type: ignore[attr-defined]
 
 
 def test_info_machine_lists_the_map() -> None:
@@ -110,9 +117,15 @@ def test_info_machine_lists_the_map() -> None:
     assert "serial0" in p.stdout and "0x3f8" in p.stdout and "testdev" in p.stdout
 
 
-@pytest.mark.parametrize("args,text", [(["--msi", "polling"], "use irqfd or signal"),
-                                       (["--rng", "--rng-rate", "-5"], "positive number"),
-                                       (["--rng", "--rng-rate", "lots"], "is not a number")])
+@pytest.mark.parametrize("args,text", [(["--msi", "polling"], "not one of irqfd, signal"),
+                                       (["--rng", "rate=-5"], "positive number"),
+                                       (["--rng", "rate=lots"], "is not a whole number"),
+                                       (["--rng", "rat=5"], "did you mean 'rate'"),
+                                       (["--disk", "path=x,readonly=maybe"], "use on or off"),
+                                       (["--disk", "path=x,if=scsi"], "if must be one of"),
+                                       (["--device", "virtio-rgn"], "did you mean 'virtio-rng'"),
+                                       (["--timeout", "nan"], "finite"),
+                                       (["--timeout", "1e300"], "timeout must be between")])
 def test_bad_msi_and_rng_rate(capsys: pytest.CaptureFixture[str], guests: Path,
                               args: list[str], text: str) -> None:
     rc, err = run_main(capsys, "run", "--kernel", str(guests / "hello.elf"), *args)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.backends.block import RawBlockBackend
-from pyvmm.backends.char import SerialIo
+from pyvmm.backends.char import CharSpec, SerialIo
 from pyvmm.devices.legacy.ioapic import IoApic
 from pyvmm.devices.legacy.uart import Serial
 from pyvmm.devices.nvme.queues import PAGE, PrpError, prp_segments
@@ -24,9 +24,8 @@ from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.queue import Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError, PyvmmError
 from pyvmm.event import EventManager
-from pyvmm.machine.config import SerialConfig
 from pyvmm.memory import GuestMemory
-from pyvmm.testing import DriverQueue
+from pyvmm.testing import DriverQueue, RecordingInterrupt, VirtioDriver
 from pyvmm.uapi import nvme as N
 from pyvmm.uapi import serial as S
 from pyvmm.uapi import virtio as V
@@ -36,35 +35,11 @@ OUTSIDE_RAM = 1 << 40
 FRAME = b"\xff" * 6 + b"\x02" * 6 + b"\x08\x00" + b"x" * 50
 
 
-class Irq:
-    def __init__(self) -> None:
-        self.config_signals = 0
-
-    def signal_queue(self, vq: Virtqueue) -> None:
-        pass
-
-    def signal_config(self) -> None:
-        self.config_signals += 1
-
-
 def bring_up(dev: VirtioDevice, mem: GuestMemory, features: int = 0,
-             size: int = 8) -> tuple[VirtioCore, list[DriverQueue], Irq]:
-    core = VirtioCore(dev, mem)
-    irq = Irq()
-    core.irq = irq
-    f = (1 << V.VIRTIO_F_VERSION_1) | features
-    core.set_status(3)
-    core.set_driver_features_word(0, f & 0xFFFFFFFF)
-    core.set_driver_features_word(1, f >> 32)
-    core.set_status(11)
-    dqs = []
-    for i, q in enumerate(core.queues):
-        dq = DriverQueue(mem, size, base=0x10000 * (i + 1), buffers=0x100000 * (i + 1))
-        q.size, q.desc, q.avail, q.used, q.ready = size, dq.desc, dq.avail, dq.used, True
-        dqs.append(dq)
-    core.set_status(15)
-    assert core.active
-    return core, dqs, irq
+             size: int = 8) -> tuple[VirtioCore, list[DriverQueue], RecordingInterrupt]:
+    d = VirtioDriver(dev, mem, features=(1 << V.VIRTIO_F_VERSION_1) | features, size=size)
+    assert d.core.active
+    return d.core, d.queues, d.irq
 
 
 def needs_reset(core: VirtioCore) -> bool:
@@ -128,7 +103,7 @@ def test_guest_2_rx_buffer_outside_ram_needs_reset_and_the_loop_goes_on() -> Non
     core.notify(0)
     tap.host.send(bytes(12) + FRAME)
     ev.run_once(5)  # raised GuestMemoryError out of the loop before
-    assert needs_reset(core) and irq.config_signals == 1
+    assert needs_reset(core) and irq.config == 1
     assert ev.bugs == 0 and ev.faults == 0  # contained by the device, not the loop
     tap.host.send(bytes(12) + FRAME)
     ev.run_once(0)  # a failed device reads no more frames: nothing happens
@@ -219,7 +194,7 @@ def test_guest_5_a_chained_prp_list_still_works() -> None:
 def serial_socket(tmp_path: Path) -> tuple[Serial, SerialIo, EventManager, socket.socket]:
     ev = EventManager()
     path = tmp_path / "com1.sock"
-    io = SerialIo(SerialConfig("socket", str(path)), ev)
+    io = SerialIo(CharSpec("socket", str(path)), ev)
     uart = Serial(on_rx_space=io.resume_input)
     io.attach(uart)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvmm.devices.legacy.ioapic import IOAPIC_LVT_REMOTE_IRR, IoApic
-from pyvmm.irq.chip import MsiMessage, RecordingMsiSink
+from pyvmm.irq.msi import MsiMessage, RecordingMsiSink
 
 
 def program(io: IoApic, pin: int, low: int, high: int = 0) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.devices.nvme.controller import NvmeController
 from pyvmm.devices.nvme.queues import PrpError, prp_segments
-from pyvmm.irq.chip import RecordingMsiSink
+from pyvmm.irq.msi import RecordingMsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.uapi import nvme as N
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from pyvmm.devices.pci.config_space import BarChange, PCIConfigSpace
 from pyvmm.devices.pci.msi import MsiCapability
 from pyvmm.devices.pci.msix import MsixCapability
-from pyvmm.irq.chip import MsiMessage, RecordingMsiSink
+from pyvmm.irq.msi import MsiMessage, RecordingMsiSink
 from pyvmm.uapi import pci as P
 
 

@@ -17,7 +17,8 @@ from pyvmm.devices.pci.testdev import (
     STATUS_DMA_ERROR,
     PciTestDev,
 )
-from pyvmm.irq.chip import KernelIrqChip, MsiMessage, RecordingMsiSink
+from pyvmm.irq.msi import MsiMessage, RecordingMsiSink
+from pyvmm.irqchip.kernel import KernelIrqChip
 from pyvmm.machine import layout as L
 from pyvmm.machine.pci import build_pci, describe
 from pyvmm.memory import GuestMemory
@@ -124,7 +125,7 @@ def test_testdev_shared_bar_traps_when_nobody_maps_it() -> None:
     """Without a BarMapper (unit tests, ``pyvmm info``) BAR4 accesses arrive as BAR
     accesses and are served from the same shared memory, and counted."""
     from pyvmm.devices.pci.testdev import REG_SHM_FILL, REG_SHM_SUM, REG_SHM_TRAPS, PciTestDev
-    from pyvmm.irq.chip import RecordingMsiSink
+    from pyvmm.irq.msi import RecordingMsiSink
     from pyvmm.memory import GuestMemory
 
     with GuestMemory([(0, 2 << 20)]) as mem:

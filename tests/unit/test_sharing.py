@@ -9,7 +9,7 @@ import pytest
 
 from pyvmm.devices.virtio.rng import MIN_CHUNK, VirtioRng
 from pyvmm.event import EventManager
-from pyvmm.irq.routing import FIRST_MSI_GSI, GsiRouting
+from pyvmm.irqchip.routing import FIRST_MSI_GSI, GsiRouting
 from pyvmm.kvm.vm import IrqchipRoute, MsiRoute
 from pyvmm.memory import GuestMemory
 from pyvmm.sharing.ratelimit import TokenBucket

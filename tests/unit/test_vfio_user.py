@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.devices.pci.testdev import PciTestDev
-from pyvmm.irq.chip import RecordingMsiSink
+from pyvmm.irq.msi import RecordingMsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.vfio_user import protocol as P
 from pyvmm.vfio_user.server import VfioUserServer

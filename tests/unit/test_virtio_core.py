@@ -17,7 +17,7 @@ from pyvmm.devices.virtio.core import VirtioCore, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.memory import GuestMemory
-from pyvmm.testing import DriverQueue
+from pyvmm.testing import DriverQueue, RecordingInterrupt, VirtioDriver
 from pyvmm.uapi import virtio as V
 
 MiB = 1 << 20
@@ -25,16 +25,7 @@ OK_STATUS = (V.VIRTIO_CONFIG_S_ACKNOWLEDGE | V.VIRTIO_CONFIG_S_DRIVER
              | V.VIRTIO_CONFIG_S_FEATURES_OK)
 
 
-class Irq:
-    def __init__(self) -> None:
-        self.queue = 0
-        self.config = 0
-
-    def signal_queue(self, vq: Virtqueue) -> None:
-        self.queue += 1
-
-    def signal_config(self) -> None:
-        self.config += 1
+Irq = RecordingInterrupt
 
 
 @pytest.fixture
@@ -45,19 +36,9 @@ def mem() -> GuestMemory:
 
 
 def bring_up(dev: VirtioDevice, mem: GuestMemory, features: int | None = None,
-             size: int = 16) -> tuple[VirtioCore, DriverQueue, Irq]:
-    core, irq = VirtioCore(dev, mem), Irq()
-    core.irq = irq
-    core.set_status(V.VIRTIO_CONFIG_S_ACKNOWLEDGE | V.VIRTIO_CONFIG_S_DRIVER)
-    f = dev.features if features is None else features
-    core.set_driver_features_word(0, f & 0xFFFFFFFF)
-    core.set_driver_features_word(1, f >> 32)
-    core.set_status(OK_STATUS)
-    dq = DriverQueue(mem, size=size)
-    core.queues[0].size, core.queues[0].desc = size, dq.desc
-    core.queues[0].avail, core.queues[0].used, core.queues[0].ready = dq.avail, dq.used, True
-    core.set_status(OK_STATUS | V.VIRTIO_CONFIG_S_DRIVER_OK)
-    return core, dq, irq
+             size: int = 16) -> tuple[VirtioCore, DriverQueue, RecordingInterrupt]:
+    d = VirtioDriver(dev, mem, features=features, size=size)
+    return d.core, d.queues[0], d.irq
 
 
 # --- status machine and features -------------------------------------------------------
@@ -222,7 +203,7 @@ def test_a_loop_in_a_huge_indirect_table_stops_after_queue_size_steps(
     """No chain may be longer than the queue (§2.7.5.3.1), so a loop in a 2 MiB indirect
     table costs at most queue-size descriptor reads, not 131072."""
     _, dq, _ = bring_up(VirtioRng(), mem)
-    from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
+    from pyvmm.devices.virtio.queue import DescriptorChain, VirtqueueError
 
     a, t = dq.alloc(8), 0x200000
     dq.write_desc(t, 0, a, 8, V.VRING_DESC_F_WRITE | V.VRING_DESC_F_NEXT, 1)

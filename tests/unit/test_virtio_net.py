@@ -10,10 +10,9 @@ import pytest
 
 from pyvmm.devices.virtio.core import VirtioCore
 from pyvmm.devices.virtio.net import VirtioNet
-from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.event import EventManager
 from pyvmm.memory import GuestMemory
-from pyvmm.testing import DriverQueue
+from pyvmm.testing import DriverQueue, VirtioDriver
 from pyvmm.uapi import virtio as V
 
 
@@ -38,33 +37,16 @@ class FakeTap:
         return os.writev(self.fd, bufs)
 
 
-class Irq:
-    def signal_queue(self, vq: Virtqueue) -> None:
-        pass
-
-    def signal_config(self) -> None:
-        pass
-
-
 def setup(mrg: bool) -> tuple[VirtioCore, VirtioNet, FakeTap, DriverQueue, DriverQueue,
                               EventManager, GuestMemory]:
     mem = GuestMemory([(0, 4 << 20)])
     ev, tap = EventManager(), FakeTap()
     dev = VirtioNet(tap, bytes.fromhex("525400000001"), ev)  # type: ignore[arg-type]
-    core = VirtioCore(dev, mem)
-    core.irq = Irq()
     f = (1 << V.VIRTIO_F_VERSION_1) | (1 << V.VIRTIO_NET_F_GUEST_CSUM) | (
         (1 << V.VIRTIO_NET_F_MRG_RXBUF) if mrg else 0)
-    core.set_status(3)
-    core.set_driver_features_word(0, f & 0xFFFFFFFF)
-    core.set_driver_features_word(1, f >> 32)
-    core.set_status(11)
-    rx, tx = DriverQueue(mem, 8, base=0x10000, buffers=0x100000), DriverQueue(
-        mem, 8, base=0x20000, buffers=0x200000)
-    for q, dq in zip(core.queues, (rx, tx), strict=True):
-        q.size, q.desc, q.avail, q.used, q.ready = 8, dq.desc, dq.avail, dq.used, True
-    core.set_status(15)
-    return core, dev, tap, rx, tx, ev, mem
+    d = VirtioDriver(dev, mem, features=f, size=8)
+    rx, tx = d.queues
+    return d.core, dev, tap, rx, tx, ev, mem
 
 
 def test_transmit_writes_header_and_frame_to_the_tap() -> None:

@@ -10,7 +10,7 @@ import pytest
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.devices.virtio.transport.mmio import VirtioMmioDevice
 from pyvmm.devices.virtio.transport.pci import COMMON_OFF, ISR_OFF, NOTIFY_OFF, VirtioPciDevice
-from pyvmm.irq.chip import RecordingMsiSink
+from pyvmm.irq.msi import RecordingMsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.testing import DriverQueue, RecordingLine
 from pyvmm.uapi import pci as P

@@ -9,6 +9,7 @@ PM1 blocks, no SCI) whose reset register is the i8042's command port (0x64 <- 0x
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyvmm.acpi import aml
@@ -77,7 +78,7 @@ def mcfg() -> bytes:
     return sdt(b"MCFG", 1, body)
 
 
-def dsdt() -> bytes:
+def dsdt(mmio_slots: Sequence[tuple[int, int]] = ()) -> bytes:
     pci_crs = aml.resource_template(
         aml.word_bus_number(0, (L.PCI_ECAM_SIZE >> 20) - 1),
         aml.io_port(L.PCI_CONFIG_PORT, 8),
@@ -123,7 +124,7 @@ def dsdt() -> bytes:
                 aml.memory32_fixed(base, L.VIRTIO_MMIO_SLOT_SIZE),
                 aml.extended_interrupt(gsi))),
         )
-        for i, (base, gsi) in enumerate(L.virtio_mmio_slots())
+        for i, (base, gsi) in enumerate(mmio_slots)
     ]
     return sdt(b"DSDT", 2, aml.scope("\\_SB", pci0, com1, rtc, kbd, *virtio))
 
@@ -134,9 +135,11 @@ class AcpiTables:
     blobs: dict[str, tuple[int, bytes]]  # signature -> (guest address, bytes)
 
 
-def build(base: int = L.ACPI_BASE) -> AcpiTables:
+def build(base: int = L.ACPI_BASE, mmio_slots: Sequence[tuple[int, int]] = ()) -> AcpiTables:
     """Lay the tables out from ``base`` (RSDP first, 16-byte aligned, as guests scan
-    0xE0000-0xFFFFF for it) and return them with their addresses."""
+    0xE0000-0xFFFFF for it) and return them with their addresses. ``mmio_slots`` are the
+    (base, GSI) of the virtio-mmio devices the machine has: the DSDT describes exactly
+    those."""
     blobs: dict[str, tuple[int, bytes]] = {}
     addr = base + 64  # after the 36-byte RSDP
 
@@ -147,7 +150,7 @@ def build(base: int = L.ACPI_BASE) -> AcpiTables:
         addr = (addr + len(data) + 15) & ~15
         return a
 
-    d = place("DSDT", dsdt())
+    d = place("DSDT", dsdt(mmio_slots))
     f = place("FACP", fadt(d))
     m = place("APIC", madt())
     c = place("MCFG", mcfg())

@@ -16,13 +16,35 @@ import select
 import socket
 import stat
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
-from pyvmm.machine.config import SerialConfig
 
 BACKLOG_MAX = 64 * 1024
+CHAR_KINDS = ("stdio", "file", "socket", "none")
+
+
+@dataclass(frozen=True)
+class CharSpec:
+    """Where a character device's host end goes: ``stdio``, ``file:PATH``,
+    ``socket:PATH`` (listening) or ``none``."""
+
+    kind: str = "stdio"
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CharSpec:
+        """Raises ValueError naming what is wrong (the config layer adds where)."""
+        kind, _, path = text.partition(":")
+        if kind not in CHAR_KINDS:
+            raise ValueError(f"{text!r}: use stdio, file:PATH, socket:PATH or none")
+        if kind in ("file", "socket") and not path:
+            raise ValueError(f"{text!r}: {kind} needs a path ({kind}:PATH)")
+        if kind in ("stdio", "none") and path:
+            raise ValueError(f"{text!r}: {kind} takes no path")
+        return cls(kind, path or None)
 
 
 class InputSink(Protocol):
@@ -32,7 +54,7 @@ class InputSink(Protocol):
 
 
 class SerialIo:
-    def __init__(self, cfg: SerialConfig, events: EventManager) -> None:
+    def __init__(self, cfg: CharSpec, events: EventManager) -> None:
         self.cfg = cfg
         self.events = events
         self.sink: InputSink | None = None

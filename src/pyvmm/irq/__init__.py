@@ -1,5 +1,4 @@
-"""Interrupt lines and messages; the irqchips that deliver them."""
+from pyvmm.irq.line import InterruptLine, NullLine
+from pyvmm.irq.msi import MsiMessage, MsiSink
 
-from pyvmm.irq.line import InterruptLine, KvmIrqLine, NullLine
-
-__all__ = ["InterruptLine", "KvmIrqLine", "NullLine"]
+__all__ = ["InterruptLine", "MsiMessage", "MsiSink", "NullLine"]

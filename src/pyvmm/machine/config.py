@@ -1,264 +1,240 @@
-"""Machine configuration: the same fields from the CLI or a JSON file.
+"""The machine's configuration: one typed declaration that the command line, the JSON
+config file, the JSON Schema and docs/config.md are all made from (``pyvmm.schema``).
 
-Every parse error is a :class:`ConfigError` with a one-line message.
+Board options are fields of ``MachineConfig``; devices are ``DeviceEntry``s — a
+registry spec and its typed config — in command-line order (which is PCI slot and
+virtio-mmio slot order). In JSON::
+
+    {"kernel": "guest.elf", "memory": "128M",
+     "devices": [{"type": "virtio-blk", "path": "disk.img", "readonly": true},
+                 {"type": "virtio-rng", "transport": "mmio"}]}
+
+Every error is a :class:`ConfigError` with a one-line message.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyvmm import schema
+from pyvmm.backends.char import CharSpec
+from pyvmm.devices.spec import DeviceConfig, DeviceSpec
 from pyvmm.errors import ConfigError
-from pyvmm.machine.layout import DEBUG_EXIT_BASE, VIRTIO_MMIO_SLOTS, MiB
+from pyvmm.machine.layout import DEBUG_EXIT_BASE, MiB
+from pyvmm.registry import DEVICES
+from pyvmm.schema import Size, option, parse_size
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": MiB, "K": 1 << 10, "M": MiB, "G": 1 << 30, "T": 1 << 40}
 MIN_MEMORY = 2 * MiB
+MAX_TIMEOUT = 10_000_000.0  # seconds: a longer one is a typo (and would overflow timers)
+MAX_CONFIG_BYTES = 1 << 20
 
 
-def parse_size(text: str | int) -> int:
-    """'64M', '1G', '512' (MiB, as QEMU's -m) -> bytes."""
-    if isinstance(text, int):
-        return text * MiB
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ConfigError(f"memory size {text!r} is not a size (use e.g. 64M or 1G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+class IrqChipKind(enum.StrEnum):
+    KERNEL = "kernel"  # KVM's PIC/IOAPIC/PIT
+    SPLIT = "split"  # LAPIC in KVM, PIC/IOAPIC/PIT in Python
 
 
-def parse_int(text: str | int, what: str) -> int:
-    if isinstance(text, int):
-        return text
-    try:
-        return int(str(text), 0)
-    except ValueError:
-        raise ConfigError(f"{what} {text!r} is not a number") from None
+class MsiPath(enum.StrEnum):
+    IRQFD = "irqfd"  # an irqfd and GSI route per vector
+    SIGNAL = "signal"  # KVM_SIGNAL_MSI per message
 
 
 def host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-SERIAL_KINDS = ("stdio", "file", "socket", "none")
+@dataclass(frozen=True)
+class DeviceEntry:
+    spec: DeviceSpec
+    config: DeviceConfig
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
-@dataclass
-class NetConfig:
-    tap: str = "auto"
-    mac: str | None = None
-    transport: str = "pci"
-
-    @classmethod
-    def parse(cls, spec: str | dict[str, Any]) -> NetConfig:
-        """'tap=NAME|auto[,mac=52:54:00:..]' or the same as a JSON object."""
-        items = ({str(k): str(v) for k, v in spec.items()} if isinstance(spec, dict) else
-                 dict(p.partition("=")[::2] for p in str(spec).split(",")))
-        unknown = set(items) - {"tap", "mac", "transport"}
-        if unknown:
-            raise ConfigError(f"net {spec!r}: unknown key {sorted(unknown)[0]!r}")
-        mac = items.get("mac")
-        if mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", mac):
-            raise ConfigError(f"net {spec!r}: mac must look like 52:54:00:12:34:56")
-        if mac is not None and int(mac[:2], 16) & 1:
-            raise ConfigError(f"net {spec!r}: mac {mac} is a multicast address")
-        transport = items.get("transport", "pci")
-        if transport not in ("pci", "mmio"):
-            raise ConfigError(f"net {spec!r}: transport must be pci or mmio")
-        return cls(items.get("tap") or "auto", mac, transport)
-
-
-@dataclass
-class DiskConfig:
-    path: str
-    readonly: bool = False
-    transport: str = "pci"
-    interface: str = "virtio"  # or "nvme": full emulation (transport is then PCI)
-
-    @classmethod
-    def parse(cls, spec: str | dict[str, Any]) -> DiskConfig:
-        """'path=IMG[,readonly=on][,transport=pci|mmio][,if=virtio|nvme]' or the same as
-        a JSON object."""
-        if isinstance(spec, dict):
-            items = {str(k): str(v) for k, v in spec.items()}
-        else:
-            items = {}
-            for part in str(spec).split(","):
-                key, eq, val = part.partition("=")
-                if not eq:
-                    raise ConfigError(f"disk {spec!r}: expected key=value, got {part!r}")
-                items[key.strip()] = val.strip()
-        unknown = set(items) - {"path", "readonly", "transport", "if"}
-        if unknown:
-            raise ConfigError(f"disk {spec!r}: unknown key {sorted(unknown)[0]!r}")
-        if not items.get("path"):
-            raise ConfigError(f"disk {spec!r}: no path= given")
-        ro = items.get("readonly", "off").lower()
-        if ro not in ("on", "off", "true", "false"):
-            raise ConfigError(f"disk {spec!r}: readonly must be on or off")
-        transport = items.get("transport", "pci")
-        if transport not in ("pci", "mmio"):
-            raise ConfigError(f"disk {spec!r}: transport must be pci or mmio")
-        interface = items.get("if", "virtio")
-        if interface not in ("virtio", "nvme"):
-            raise ConfigError(f"disk {spec!r}: if must be virtio or nvme")
-        if interface == "nvme" and transport != "pci":
-            raise ConfigError(f"disk {spec!r}: an NVMe controller is a PCI device "
-                              "(no transport=mmio)")
-        return cls(items["path"], ro in ("on", "true"), transport, interface)
-
-
-@dataclass
-class SerialConfig:
-    kind: str = "stdio"
-    path: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> SerialConfig:
-        kind, _, path = text.partition(":")
-        if kind not in SERIAL_KINDS:
-            raise ConfigError(
-                f"serial {text!r}: use stdio, file:PATH, socket:PATH or none"
-            )
-        if kind in ("file", "socket") and not path:
-            raise ConfigError(f"serial {text!r}: {kind} needs a path ({kind}:PATH)")
-        if kind in ("stdio", "none") and path:
-            raise ConfigError(f"serial {text!r}: {kind} takes no path")
-        return cls(kind, path or None)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class MachineConfig:
-    kernel: str
-    memory: int = 64 * MiB
-    cmdline: str = ""
-    serial: SerialConfig = field(default_factory=SerialConfig)
-    load_addr: int | None = None
-    entry: int | None = None
-    exits_json: str | None = None
-    debug_exit_port: int = DEBUG_EXIT_BASE
-    debug_exit_size: int = 4
-    timeout: float | None = None
-    quiet: bool = False
-    pci_testdev: bool = True
-    irqchip: str = "kernel"  # "kernel": KVM's PIC/IOAPIC/PIT; "split": Python's
-    disks: list[DiskConfig] = field(default_factory=list)
-    nets: list[NetConfig] = field(default_factory=list)
-    console: SerialConfig | None = None  # virtio-console host end
-    console_transport: str = "pci"
-    rng: str | None = None  # None, "pci" or "mmio"
-    rng_rate: int | None = None  # virtio-rng bytes per second (token bucket), None: unlimited
-    msi: str = "irqfd"  # device MSI/MSI-X vectors: "irqfd" (per-vector GSI) or "signal"
+    kernel: str = option(doc="ELF (PVH note or 64-bit), multiboot v1, or flat image",
+                         metavar="PATH")
+    memory: Size = option(Size(64 * MiB), "guest RAM, e.g. 64M or 1G (a bare number is MiB)",
+                          short="-m")
+    cmdline: str = option("", "kernel command line")
+    serial: str = option("stdio", "COM1's host end: stdio, file:PATH, socket:PATH or none",
+                         metavar="stdio|file:PATH|socket:PATH|none")
+    load_addr: int | None = option(None, "load a flat binary here (forces the flat format)")
+    entry: int | None = option(None, "entry address of a flat binary (default: load address)")
+    exits_json: str | None = option(None, "write the per-device exit accounting as JSON here",
+                                    metavar="PATH")
+    debug_exit_port: int = option(DEBUG_EXIT_BASE, "the QEMU-compatible test-exit port; the "
+                                  "VMM exits with (value << 1) | 1", hex=True)
+    debug_exit_size: int = option(4, "test-exit port width: 1, 2 or 4")
+    timeout: float | None = option(None, "stop the VM after this many seconds (exit code 124)")
+    quiet: bool = option(False, "no exit table or notices", short="-q")
+    pci_testdev: bool = option(True, "the PCI test device at 00:01.0 (DMA, INTx, MSI, MSI-X, "
+                               "a shared-memory BAR)", cli="--no-pci-testdev")
+    irqchip: IrqChipKind = option(IrqChipKind.KERNEL, "kernel: KVM's PIC/IOAPIC/PIT; split: "
+                                  "LAPIC in KVM, PIC/IOAPIC/PIT in Python")
+    msi: MsiPath = option(MsiPath.IRQFD, "device MSI/MSI-X: irqfd (an irqfd and GSI route per "
+                          "vector) or signal (KVM_SIGNAL_MSI per message)")
+    devices: list[DeviceEntry] = option(factory=list, doc="the machine's devices, in slot "
+                                        "order", cli="")
+
+    def check(self) -> None:
+        """Rules between fields, and ranges (no file-system access: see ``validate``)."""
+        if self.memory < MIN_MEMORY:
+            raise ValueError(f"memory {self.memory >> 20} MiB is too small (at least 2M)")
+        if self.memory % (2 * MiB):
+            raise ValueError("memory must be a multiple of 2 MiB")
+        if self.debug_exit_size not in (1, 2, 4):
+            raise ValueError("debug_exit_size must be 1, 2 or 4")
+        if not 0 <= self.debug_exit_port <= 0x10000 - self.debug_exit_size:
+            raise ValueError(f"debug_exit_port {self.debug_exit_port:#x} is not a port")
+        if len(self.cmdline.encode("utf-8", "surrogatepass")) >= 4096:
+            raise ValueError("kernel command line is longer than 4095 bytes")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds")
+        for what in ("load_addr", "entry"):
+            v = getattr(self, what)
+            if v is not None and not 0 <= v < 1 << 64:
+                raise ValueError(f"{what} {v:#x} is not an address")
+        CharSpec.parse(self.serial)
+        for d in self.devices:
+            if (getattr(d.config, "backend", None) == "stdio" and self.serial == "stdio"):
+                raise ValueError(f"serial and {d.name} cannot both use stdio")
 
     def validate(self) -> None:
-        if self.memory < MIN_MEMORY:
-            raise ConfigError(f"memory {self.memory >> 20} MiB is too small (at least 2M)")
-        if self.memory % (2 * MiB):
-            raise ConfigError("memory must be a multiple of 2 MiB")
+        """``check`` plus what needs the host: the kernel file, the host's memory."""
+        try:
+            self.check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         hm = host_memory()
         if self.memory > hm:
-            raise ConfigError(
-                f"memory {self.memory >> 20} MiB is more than the host has ({hm >> 20} MiB)"
-            )
-        if not Path(self.kernel).is_file():
-            what = "is a directory" if Path(self.kernel).is_dir() else "not found"
-            raise ConfigError(f"kernel file {what}: {self.kernel}")
-        if self.debug_exit_size not in (1, 2, 4):
-            raise ConfigError("debug-exit size must be 1, 2 or 4")
-        if not 0 <= self.debug_exit_port <= 0xFFFF - self.debug_exit_size + 1:
-            raise ConfigError(f"debug-exit port {self.debug_exit_port:#x} is not a port")
-        if len(self.cmdline.encode()) >= 4096:
-            raise ConfigError("kernel command line is longer than 4095 bytes")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError("timeout must be positive")
-        if self.console is not None and self.console.kind == "stdio" == self.serial.kind:
-            raise ConfigError("serial and console cannot both use stdio")
-        mmio = (sum(d.transport == "mmio" for d in self.disks)
-                + sum(n.transport == "mmio" for n in self.nets) + (self.rng == "mmio")
-                + (self.console is not None and self.console_transport == "mmio"))
-        if mmio > VIRTIO_MMIO_SLOTS:
-            raise ConfigError(f"at most {VIRTIO_MMIO_SLOTS} virtio-mmio devices")
-        for d in self.disks:
-            if not Path(d.path).is_file():
-                what = "is a directory" if Path(d.path).is_dir() else "not found"
-                raise ConfigError(f"disk image {what}: {d.path}")
+            raise ConfigError(f"memory {self.memory >> 20} MiB is more than the host has "
+                              f"({hm >> 20} MiB)")
+        _check_file("kernel", self.kernel)
+        if self.exits_json is not None:
+            parent = Path(self.exits_json).parent
+            if not parent.is_dir():
+                raise ConfigError(f"exits-json {self.exits_json!r}: folder {str(parent)!r} "
+                                  "does not exist")
+        for d in self.devices:
+            host_check = getattr(d.config, "validate", None)
+            if host_check is not None:
+                try:
+                    host_check()  # what needs the host (an image file that exists)
+                except ValueError as e:
+                    raise ConfigError(f"{d.name}: {e}") from None
+
+    def of_type(self, name: str) -> list[DeviceConfig]:
+        return [d.config for d in self.devices if d.name == name]
+
+    # --- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, path: str, overrides: dict[str, Any] | None = None,
+                  registry: tuple[DeviceSpec, ...] = DEVICES) -> MachineConfig:
+        raw = load_json_object(path, "config file")
+        for k, v in (overrides or {}).items():
+            if v is not None:
+                raw[k] = v
+        return cls.from_dict(raw, source=path, registry=registry)
 
     @classmethod
-    def from_json(cls, path: str, overrides: dict[str, Any] | None = None) -> MachineConfig:
-        try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path}: invalid JSON at line {e.lineno}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: top level must be an object")
-        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_dict(raw, source=path)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> MachineConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field {unknown[0]!r}")
+    def from_dict(cls, raw: dict[str, Any], source: str = "config", *, text: bool = False,
+                  registry: tuple[DeviceSpec, ...] = DEVICES) -> MachineConfig:
+        """From a JSON object (``text`` False) or from command-line strings (True)."""
         if "kernel" not in raw:
-            raise ConfigError(f"{source}: no kernel given")
-        cfg = cls(kernel=str(raw["kernel"]))
-        if "memory" in raw:
-            cfg.memory = parse_size(raw["memory"])
-        if "cmdline" in raw:
-            cfg.cmdline = str(raw["cmdline"])
-        if "serial" in raw:
-            cfg.serial = SerialConfig.parse(str(raw["serial"]))
-        for name in ("load_addr", "entry", "debug_exit_port", "debug_exit_size"):
-            if raw.get(name) is not None:
-                setattr(cfg, name, parse_int(raw[name], name.replace("_", "-")))
-        if raw.get("exits_json") is not None:
-            cfg.exits_json = str(raw["exits_json"])
-        if raw.get("timeout") is not None:
-            try:
-                cfg.timeout = float(raw["timeout"])
-            except (TypeError, ValueError):
-                raise ConfigError(f"timeout {raw['timeout']!r} is not a number") from None
-        if "quiet" in raw:
-            cfg.quiet = bool(raw["quiet"])
-        if raw.get("irqchip") is not None:
-            if raw["irqchip"] not in ("kernel", "split"):
-                raise ConfigError(f"irqchip {raw['irqchip']!r}: use kernel or split")
-            cfg.irqchip = str(raw["irqchip"])
-        if raw.get("disks") is not None:
-            if not isinstance(raw["disks"], list):
-                raise ConfigError(f"{source}: disks must be a list")
-            cfg.disks = [DiskConfig.parse(d) for d in raw["disks"]]
-        if raw.get("nets") is not None:
-            if not isinstance(raw["nets"], list):
-                raise ConfigError(f"{source}: nets must be a list")
-            cfg.nets = [NetConfig.parse(n) for n in raw["nets"]]
-        if raw.get("console") is not None:
-            cfg.console = SerialConfig.parse(str(raw["console"]))
-        if raw.get("rng") not in (None, False):
-            rng = "pci" if raw["rng"] is True else str(raw["rng"])
-            if rng not in ("pci", "mmio"):
-                raise ConfigError(f"rng {raw['rng']!r}: use pci or mmio")
-            cfg.rng = rng
-        if raw.get("rng_rate") is not None:
-            cfg.rng_rate = parse_int(raw["rng_rate"], "rng-rate")
-            if cfg.rng_rate <= 0:
-                raise ConfigError("rng-rate must be a positive number of bytes per second")
-        if raw.get("msi") is not None:
-            if raw["msi"] not in ("irqfd", "signal"):
-                raise ConfigError(f"msi {raw['msi']!r}: use irqfd or signal")
-            cfg.msi = str(raw["msi"])
-        if raw.get("console_transport") is not None:
-            if raw["console_transport"] not in ("pci", "mmio"):
-                raise ConfigError("console transport must be pci or mmio")
-            cfg.console_transport = str(raw["console_transport"])
-        if "pci_testdev" in raw:
-            cfg.pci_testdev = bool(raw["pci_testdev"])
+            raise ConfigError(f"{source}: no kernel given (use --kernel PATH or a "
+                              "\"kernel\" field)")
+        items = raw.get("devices", [])
+        if not isinstance(items, list):
+            raise ConfigError(f"{source}: devices must be a list")
+        devices = [device_entry(item, f"{source}: devices[{i}]", registry, text=text)
+                   for i, item in enumerate(items)]
+        board = {k: v for k, v in raw.items() if k != "devices"}
+        cfg = schema.build(cls, board, source, text=text)
+        cfg.devices = devices
+        try:
+            cfg.check()  # again: the cross-field rules involve the devices
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
         return cfg
+
+
+def device_entry(item: object, where: str, registry: tuple[DeviceSpec, ...],
+                 *, text: bool = False) -> DeviceEntry:
+    """One ``{"type": NAME, ...}`` object."""
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: must be an object with a \"type\"")
+    name = item.get("type")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: no \"type\" (one of {', '.join(s.name for s in registry)})")
+    spec = next((s for s in registry if s.name == name), None)
+    if spec is None:
+        raise ConfigError(f"{where}: unknown device type {name!r}"
+                          f"{schema.did_you_mean(name, [s.name for s in registry])}")
+    body = {k: v for k, v in item.items() if k != "type"}
+    return DeviceEntry(spec, schema.build(spec.config, body, f"{where} ({name})", text=text))
+
+
+def load_json_object(path: str, what: str) -> dict[str, Any]:
+    """A JSON object from a file, every way it can fail as one line."""
+    if "\0" in path:
+        raise ConfigError(f"{what} path contains a NUL byte")
+    try:
+        p = Path(path)
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{what} {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeError, ValueError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}"
+                          ) from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path}: invalid JSON at line {e.lineno}") from None
+    except (RecursionError, ValueError) as e:  # nesting too deep, an integer too long
+        raise ConfigError(f"{what} {path}: cannot be read as JSON ({type(e).__name__})"
+                          ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path}: top level must be an object")
+    return raw
+
+
+def _check_file(what: str, path: str) -> None:
+    try:
+        p = Path(path)
+        if p.is_file():
+            return
+        problem = "is a directory" if p.is_dir() else "not found"
+    except (OSError, ValueError, UnicodeError) as e:
+        problem = f"unusable ({getattr(e, 'strerror', None) or e})"
+    raise ConfigError(f"{what} file {problem}: {path!r}")
+
+
+def config_schema(registry: tuple[DeviceSpec, ...] = DEVICES) -> dict[str, Any]:
+    """JSON Schema of the config file, made from the same declarations as the CLI."""
+    devices = []
+    for spec in registry:
+        s = schema.json_schema(spec.config, title=spec.name,
+                               extra={"type": {"const": spec.name, "description": spec.summary}})
+        s["required"] = ["type", *s.get("required", [])]
+        devices.append(s)
+    top = schema.json_schema(MachineConfig, title="pyvmm machine configuration",
+                             extra={"devices": {"type": "array", "description":
+                                                "the machine's devices, in slot order",
+                                                "items": {"oneOf": devices}}})
+    top["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return top
+
+
+__all__ = ["DeviceEntry", "IrqChipKind", "MachineConfig", "MsiPath", "Size", "config_schema",
+           "parse_size"]

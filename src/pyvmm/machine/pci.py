@@ -11,7 +11,7 @@ from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.host_bridge import HostBridge
 from pyvmm.devices.pci.root import ConfigAddressPort, Ecam, PCIRoot, Window
 from pyvmm.devices.pci.testdev import PciTestDev
-from pyvmm.irq.chip import MsiSink
+from pyvmm.irq.msi import MsiSink
 from pyvmm.machine import layout as L
 from pyvmm.memory import GuestMemory
 from pyvmm.uapi import pci as P

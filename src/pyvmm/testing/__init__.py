@@ -2,5 +2,6 @@
 
 from pyvmm.testing.driver_queue import DriverQueue
 from pyvmm.testing.lines import RecordingLine
+from pyvmm.testing.virtio_driver import RecordingInterrupt, VirtioDriver
 
-__all__ = ["DriverQueue", "RecordingLine"]
+__all__ = ["DriverQueue", "RecordingInterrupt", "RecordingLine", "VirtioDriver"]

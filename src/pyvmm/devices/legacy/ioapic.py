@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pyvmm.irq.chip import MsiMessage, MsiSink
+from pyvmm.irq.msi import MsiMessage, MsiSink
 
 IOAPIC_NUM_PINS = 24
 IOAPIC_VERSION = 0x11

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Callable
 
 from pyvmm.devices.pci.config_space import PCIConfigSpace
-from pyvmm.irq.chip import MsiMessage, MsiSink, vector_sinks
+from pyvmm.irq.msi import MsiMessage, MsiSink, vector_sinks
 from pyvmm.uapi import pci as P
 
 

@@ -37,7 +37,7 @@ from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.msi import MsiCapability
 from pyvmm.devices.pci.msix import MsixCapability
 from pyvmm.errors import GuestMemoryError
-from pyvmm.irq.chip import MsiSink
+from pyvmm.irq.msi import MsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.uapi import pci as P
 

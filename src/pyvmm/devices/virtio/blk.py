@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 
-from pyvmm.backends.block import BlockBackend, skip_buffers
+from pyvmm.backends.block import BlockBackend, RawBlockBackend, skip_buffers
 from pyvmm.backends.io_pool import IoPool
+from pyvmm.devices.spec import DeviceSpec, HostContext, Kind, VirtioConfig
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
+from pyvmm.schema import option
 from pyvmm.uapi import virtio as V
 
 SEG_MAX = 126
@@ -86,6 +89,9 @@ class VirtioBlk(VirtioDevice):
         struct.pack_into("<II", cfg, 48, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG)
         cfg[56] = 1  # write_zeroes_may_unmap
         return bytes(cfg)
+
+    def metrics(self) -> dict[str, int]:
+        return {**super().metrics(), "deferred_to_io_pool": self.deferred}
 
     def process_queue(self, index: int) -> None:
         vq, mem = self.queue(index), self.mem
@@ -314,3 +320,25 @@ class VirtioBlk(VirtioDevice):
             else:
                 self.backend.write_zeroes(off, length)
         return V.VIRTIO_BLK_S_OK
+
+
+# --- registry entry ---------------------------------------------------------------------
+@dataclass(kw_only=True)
+class BlkConfig(VirtioConfig):
+    path: str = option(doc="raw disk image", metavar="IMG")
+    readonly: bool = option(False, "serve the image read-only (VIRTIO_BLK_F_RO)")
+
+    def validate(self) -> None:
+        """Before the VM is built: the image opens as asked (one-line error if not)."""
+        RawBlockBackend(self.path, self.readonly).close()
+
+
+def create(cfg: BlkConfig, ctx: HostContext) -> VirtioBlk:
+    be = RawBlockBackend(cfg.path, cfg.readonly)
+    ctx.on_close(be.close)
+    return VirtioBlk(be, serial=f"pyvmm-disk{ctx.index}", pool=ctx.io_pool())
+
+
+SPEC = DeviceSpec("virtio-blk", BlkConfig, Kind.VIRTIO, create,
+                  "virtio-blk disk on a raw image", option="disk", select=("if", "virtio"),
+                  positional="path", doc="virtio")

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from pyvmm.devices.spec import DeviceSpec, HostContext, Kind, VirtioConfig
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.queue import DescriptorChain
+from pyvmm.schema import option
 from pyvmm.uapi import virtio as V
 
 RXQ, TXQ = 0, 1
@@ -84,3 +87,31 @@ class VirtioConsole(VirtioDevice):
             except Exception as e:  # a broken chain, a buffer outside RAM: NEEDS_RESET
                 self.fail(RXQ, e)
             return taken
+
+
+# --- registry entry ---------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ConsoleConfig(VirtioConfig):
+    backend: str = option("stdio", "the host end: stdio, file:PATH, socket:PATH or none",
+                          metavar="stdio|file:PATH|socket:PATH|none")
+
+    def check(self) -> None:
+        from pyvmm.backends.char import CharSpec
+
+        CharSpec.parse(self.backend)  # raises ValueError with the reason
+
+
+def create(cfg: ConsoleConfig, ctx: HostContext) -> VirtioConsole:
+    from pyvmm.backends.char import CharSpec, SerialIo
+
+    io = SerialIo(CharSpec.parse(cfg.backend), ctx.events)
+    ctx.on_close(io.close)
+    console = VirtioConsole(io.write)
+    console.on_rx_space = io.resume_input
+    io.attach(console)
+    return console
+
+
+SPEC = DeviceSpec("virtio-console", ConsoleConfig, Kind.VIRTIO, create,
+                  "virtio-console, one port", option="console", positional="backend",
+                  doc="virtio")

@@ -55,6 +55,10 @@ class VirtioDevice:
     def config_bytes(self) -> bytes:
         return b""
 
+    def metrics(self) -> dict[str, int]:
+        """Counters for the exit report (a device adds its own)."""
+        return {"requests": self.requests, "bytes": self.bytes}
+
     def read_config(self, offset: int, size: int) -> int:
         data = self.config_bytes()
         if offset < 0 or offset + size > len(data):
@@ -115,6 +119,10 @@ class VirtioCore:
         self.notifications = 0
         self.ignored_notifications = 0
         self.reset()
+
+    def metrics(self) -> dict[str, int]:
+        return {"notifications": self.notifications, "needs_reset": self.needs_reset_count,
+                "bugs": self.bugs}
 
     def reset(self) -> None:
         self.status = 0

@@ -18,14 +18,18 @@ RAM; a driver that never posts buffers only stops its own receive path.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
+from pyvmm.devices.spec import DeviceSpec, HostContext, Kind, VirtioConfig
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 from pyvmm.event import EventManager
 from pyvmm.memory import GuestMemory
+from pyvmm.schema import option
 from pyvmm.uapi import tun as T
 from pyvmm.uapi import virtio as V
 
@@ -194,3 +198,34 @@ class VirtioNet(VirtioDevice):
         if vq.needs_interrupt() and self.irq is not None:
             self.irq.signal_queue(vq)
         return True
+
+
+# --- registry entry ---------------------------------------------------------------------
+@dataclass(kw_only=True)
+class NetConfig(VirtioConfig):
+    tap: str = option("auto", "the TAP to attach (auto: a new one the kernel names)")
+    mac: str | None = option(None, "the guest's MAC (default 52:54:00:12:34:56 + index)")
+
+    def check(self) -> None:
+        if self.mac is not None:
+            if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", self.mac):
+                raise ValueError("mac must look like 52:54:00:12:34:56")
+            if int(self.mac[:2], 16) & 1:
+                raise ValueError(f"mac {self.mac} is a multicast address")
+
+    def mac_bytes(self, index: int) -> bytes:
+        if self.mac is not None:
+            return bytes.fromhex(self.mac.replace(":", ""))
+        return bytes((0x52, 0x54, 0x00, 0x12, 0x34, (0x56 + index) & 0xFF))
+
+
+def create(cfg: NetConfig, ctx: HostContext) -> VirtioNet:
+    from pyvmm.backends.tap import Tap
+
+    tap = Tap("" if cfg.tap == "auto" else cfg.tap)
+    ctx.on_close(tap.close)
+    return VirtioNet(tap, cfg.mac_bytes(ctx.index), ctx.events)
+
+
+SPEC = DeviceSpec("virtio-net", NetConfig, Kind.VIRTIO, create, "virtio-net on a TAP",
+                  option="net", select=("model", "virtio"), positional="tap", doc="virtio")

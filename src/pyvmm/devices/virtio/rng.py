@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from pyvmm.devices.spec import DeviceSpec, HostContext, Kind, VirtioConfig
 from pyvmm.devices.virtio.core import VirtioDevice
+from pyvmm.schema import option
 from pyvmm.sharing.ratelimit import TokenBucket
 from pyvmm.uapi import virtio as V
 
@@ -86,3 +89,24 @@ class VirtioRng(VirtioDevice):
                 self.process_queue(0)
             except Exception as e:
                 self.fail(0, e)
+
+
+# --- registry entry ---------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RngConfig(VirtioConfig):
+    rate: int | None = option(None, "at most this many bytes per second (a token bucket); "
+                              "none: unlimited")
+
+    def check(self) -> None:
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError("rate must be a positive number of bytes per second")
+
+
+def create(cfg: RngConfig, ctx: HostContext) -> VirtioRng:
+    limit = None if cfg.rate is None else TokenBucket(cfg.rate)
+    return VirtioRng(limit, ctx.events.call_later)
+
+
+SPEC = DeviceSpec("virtio-rng", RngConfig, Kind.VIRTIO, create,
+                  "virtio entropy source (host getrandom)", option="rng",
+                  positional="transport", doc="virtio")

@@ -150,6 +150,8 @@ class VirtioMmioDevice:
         else:
             self._bad("write of an unknown or read-only register", offset, 4)
 
+    def metrics(self) -> dict[str, int]:
+        return {**self.device.metrics(), **self.core.metrics(), "interrupts": self.interrupts}
 
 _QUEUE_REGS: dict[int, tuple[str, int]] = {
     V.VIRTIO_MMIO_QUEUE_NUM: ("size", 0),

@@ -30,7 +30,7 @@ from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.msix import MsixCapability
 from pyvmm.devices.virtio.core import VirtioCore, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
-from pyvmm.irq.chip import MsiSink
+from pyvmm.irq.msi import MsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import pci as P
@@ -271,6 +271,9 @@ class VirtioPciDevice(PCIDevice):
                 setattr(q, attr, value & ((1 << (8 * size)) - 1))
         else:
             self._bad("write", off, size)
+
+    def metrics(self) -> dict[str, int]:
+        return {**self.device.metrics(), **self.core.metrics(), "interrupts": self.interrupts}
 
     def reset(self) -> None:
         with self.core.lock:

@@ -12,14 +12,11 @@ counted, never passed to the kernel.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
-
-from pyvmm.irq.line import InterruptLine, KvmIrqLine
-from pyvmm.irq.routing import GsiRouting, IrqfdMsi
+from pyvmm.irq.msi import IrqChip, MsiMessage, MsiSink, RecordingMsiSink, vector_sinks
+from pyvmm.irqchip.routing import GsiRouting, IrqfdMsi
 from pyvmm.kvm.vm import IrqchipRoute, Vm
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import kvm as K
-from pyvmm.uapi.pci import MSI_ADDRESS_BASE, MSI_ADDRESS_MASK
 
 
 def isa_routes() -> list[IrqchipRoute]:
@@ -34,34 +31,6 @@ def isa_routes() -> list[IrqchipRoute]:
             routes.append(IrqchipRoute(gsi, K.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
     routes += [IrqchipRoute(gsi, K.KVM_IRQCHIP_IOAPIC, gsi) for gsi in range(16, 24)]
     return routes
-
-
-class MsiMessage(NamedTuple):
-    address: int
-    data: int
-
-    @property
-    def valid(self) -> bool:
-        return (self.address & MSI_ADDRESS_MASK) == MSI_ADDRESS_BASE and self.data <= 0xFFFF
-
-    @property
-    def vector(self) -> int:
-        return self.data & 0xFF
-
-
-class MsiSink(Protocol):
-    def send_msi(self, msg: MsiMessage) -> None: ...
-
-
-def vector_sinks(sink: MsiSink, n: int) -> list[MsiSink]:
-    """One sink per device vector: the chip's irqfd vectors where it offers them
-    (``vector_sink``), else the shared sink (tests, a vfio-user export)."""
-    make = getattr(sink, "vector_sink", None)
-    return [make() for _ in range(n)] if callable(make) else [sink] * n
-
-
-class IrqChip(MsiSink, Protocol):
-    def line(self, gsi: int) -> InterruptLine: ...
 
 
 class MsiToKvm:
@@ -145,11 +114,32 @@ class KernelIrqChip(MsiToKvm):
         return self._lines[gsi]
 
 
-class RecordingMsiSink:
-    """Collects messages (tests)."""
+class KvmIrqLine:
+    """A GSI of the in-kernel irqchip driven with KVM_IRQ_LINE.
 
-    def __init__(self) -> None:
-        self.sent: list[MsiMessage] = []
+    Only level changes reach the kernel, so a device may call ``set_level`` after
+    every register access without an ioctl each time.
+    """
 
-    def send_msi(self, msg: MsiMessage) -> None:
-        self.sent.append(msg)
+    def __init__(self, vm: Vm, gsi: int) -> None:
+        self.vm = vm
+        self.gsi = gsi
+        self.level = False
+        self.raised = 0  # number of low->high transitions, for accounting
+
+    def set_level(self, level: bool) -> None:
+        if level != self.level:
+            self.level = level
+            if level:
+                self.raised += 1
+            self.vm.irq_line(self.gsi, int(level))
+
+    def pulse(self) -> None:
+        self.raised += 1
+        self.vm.irq_line(self.gsi, 1)
+        self.vm.irq_line(self.gsi, 0)
+        self.level = False
+
+
+__all__ = ["IrqChip", "KernelIrqChip", "KvmIrqLine", "MsiMessage", "MsiSink",
+           "RecordingMsiSink", "vector_sinks"]

@@ -22,7 +22,7 @@ import threading
 from pyvmm.bus import BusDevice
 from pyvmm.devices.legacy.ioapic import IoApic
 from pyvmm.devices.legacy.pic import PicPair
-from pyvmm.irq.chip import MsiToKvm
+from pyvmm.irqchip.kernel import MsiToKvm
 from pyvmm.kvm.vcpu import Vcpu
 from pyvmm.kvm.vm import MsiRoute, Vm
 from pyvmm.uapi import kvm as K

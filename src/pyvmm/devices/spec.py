@@ -1,0 +1,114 @@
+"""What a device module declares so that the builder, the command line, the JSON config,
+``pyvmm info``, the vfio-user export and docs/config.md can all use it.
+
+A device module ends with one ``DeviceSpec``: its name (the JSON ``"type"`` and
+``--device NAME``), its typed config class (a dataclass of ``schema.option`` fields),
+what kind of device it is — which decides where the builder puts it — and
+``create(cfg, ctx)``. ``pyvmm.registry.DEVICES`` lists the specs explicitly (no
+import-time registration). The device sees only a ``HostContext``: guest memory, the
+event loop, its interrupt, a shared block I/O pool, and a place to register what must
+be closed — never the machine.
+
+Kinds:
+- ``VIRTIO``: ``create`` returns a ``VirtioDevice``; the builder wraps it in the
+  transport the config names (virtio-pci in the next free slot, or a virtio-mmio slot
+  described in the DSDT).
+- ``PCI``: ``create`` returns a ``PCIDevice``; it gets the next free slot, its BARs in the
+  PCI windows, INTx on its slot's GSI.
+- ``ISA``: fixed resources, found by probing, not enumeration: ``create`` returns a bus
+  device and the spec lists its port/MMIO ranges and GSI.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pyvmm.schema import option
+
+if TYPE_CHECKING:
+    from pyvmm.backends.io_pool import IoPool
+    from pyvmm.event import EventManager
+    from pyvmm.irq.line import InterruptLine
+    from pyvmm.irq.msi import MsiSink
+    from pyvmm.memory import GuestMemory
+
+
+class Kind(enum.StrEnum):
+    VIRTIO = "virtio"
+    PCI = "pci"
+    ISA = "isa"
+
+
+class Transport(enum.StrEnum):
+    PCI = "pci"
+    MMIO = "mmio"
+
+
+@dataclass(kw_only=True)
+class DeviceConfig:
+    """Base of every device's config (fields common to all: none yet)."""
+
+
+@dataclass(kw_only=True)
+class VirtioConfig(DeviceConfig):
+    transport: Transport = option(Transport.PCI, "virtio-pci, or a virtio-mmio slot in the "
+                                  "DSDT")
+
+
+@dataclass(frozen=True)
+class IsaRange:
+    space: str  # "pio" or "mmio"
+    base: int
+    size: int
+
+
+class HostContext(Protocol):
+    """What a device gets from whoever hosts it (the VMM's builder, the vfio-user
+    export, a test)."""
+
+    mem: GuestMemory
+    events: EventManager
+    name: str  # this instance, e.g. "virtio-blk0"
+    index: int  # how many devices of this type came before it
+    msi: MsiSink
+
+    def line(self) -> InterruptLine:
+        """The interrupt line of an ISA device (its spec's ``gsi``)."""
+        ...
+
+    def io_pool(self) -> IoPool:
+        """The block I/O pool shared by the host's disks (made on first use)."""
+        ...
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the host tears down (after the guest has stopped)."""
+        ...
+
+    def memory_map(self) -> list[tuple[int, int, int]]:
+        """The guest's e820 map as the boot protocol hands it over: (address, size,
+        type) with type 1 RAM, 2 reserved (firmware interfaces such as fw_cfg's
+        ``etc/e820``)."""
+        ...
+
+    def cpus(self) -> int:
+        """How many vCPUs the guest has."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    config: type[DeviceConfig]
+    kind: Kind
+    create: Callable[[Any, HostContext], Any]
+    summary: str
+    option: str | None = None  # a command-line shortcut (--disk, --net, --rng)
+    select: tuple[str, str] | None = None  # (key, value): which device a shared option means
+    positional: str | None = None  # the key a bare value sets (--disk IMG)
+    isa: tuple[IsaRange, ...] = ()  # ISA only: the fixed ranges
+    gsi: int | None = None  # ISA only: the interrupt line
+    exportable: bool = True  # can be served over vfio-user (PCI and virtio kinds)
+    doc: str = ""  # docs/devices/<page>.md

@@ -1,0 +1,29 @@
+"""Every device a machine can be given, in one explicit tuple.
+
+Adding a device is its module (ending in a ``SPEC``) plus one line here. The builder,
+the command line (``--device NAME``, and the shortcut options specs declare), the JSON
+config (``"devices": [{"type": NAME, ...}]``), ``pyvmm info --devices``, the vfio-user
+export and docs/config.md all read this tuple; nothing registers itself on import.
+Tests may pass a longer tuple of their own to ``MachineConfig`` and ``Machine``.
+"""
+
+from __future__ import annotations
+
+from pyvmm.devices.nvme import controller as nvme
+from pyvmm.devices.spec import DeviceSpec
+from pyvmm.devices.virtio import blk, console, net, rng
+
+DEVICES: tuple[DeviceSpec, ...] = (
+    blk.SPEC,
+    nvme.SPEC,
+    net.SPEC,
+    console.SPEC,
+    rng.SPEC,
+)
+
+
+def find(name: str, registry: tuple[DeviceSpec, ...] = DEVICES) -> DeviceSpec | None:
+    for spec in registry:
+        if spec.name == name:
+            return spec
+    return None
