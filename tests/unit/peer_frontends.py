@@ -27,7 +27,7 @@ from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.transport.pci import COMMON_OFF, NOTIFY_OFF, VirtioPciDevice
 from pyvmm.event import EventManager
-from pyvmm.irq.chip import RecordingMsiSink
+from pyvmm.irq.msi import RecordingMsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.peer import ChannelLimits
 from pyvmm.testing import DriverQueue

@@ -20,7 +20,7 @@ from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.assigned.shmem import SharedMemoryBar
 from pyvmm.devices.nvme.controller import NvmeController
 from pyvmm.devices.virtio.blk import VirtioBlk
-from pyvmm.irq.chip import RecordingMsiSink
+from pyvmm.irq.msi import RecordingMsiSink
 from pyvmm.memory import GuestMemory, sealed_memfd
 from pyvmm.uapi import nvme as N
 from pyvmm.uapi import virtio as V
