@@ -1,5 +1,5 @@
 """Guest RAM: memfd-backed, mmap'd, shareable with other processes, bounds-checked."""
 
-from pyvmm.memory.guest_memory import GuestMemory, GuestRegion
+from pyvmm.memory.guest_memory import GuestMemory, GuestRegion, check_mappable, sealed_memfd
 
-__all__ = ["GuestMemory", "GuestRegion"]
+__all__ = ["GuestMemory", "GuestRegion", "check_mappable", "sealed_memfd"]

@@ -1,7 +1,11 @@
 """Guest-physical memory as the VMM and its device models see it.
 
 Each region is a memfd mapped MAP_SHARED, so another process (a vhost-user or
-vfio-user backend) can map the same pages from the fd. Devices use the consumer API
+vfio-user backend) can map the same pages from the fd. Its size is sealed
+(F_SEAL_SHRINK | F_SEAL_GROW), which such a process requires: a peer that could
+shrink a file it mapped could make every later access a SIGBUS. The same holds the
+other way round: ``add_mapped`` maps another process's fd only if it is sealed
+against shrinking and long enough. Devices use the consumer API
 only — ``read``, ``write``, ``view`` — and every access is bounds-checked: a guest
 address outside RAM raises :class:`GuestMemoryError`, which a device turns into a
 failed request, never into a crash.
@@ -12,12 +16,47 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import fcntl
 import mmap
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pyvmm.errors import GuestMemoryError
+
+
+def sealed_memfd(name: str, size: int) -> int:
+    """A memfd of ``size`` bytes that can neither shrink nor grow: safe to hand to a
+    process that maps it (and what pyvmm requires of the fds it is handed)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_mappable(fd: int, offset: int, size: int) -> None:
+    """GuestMemoryError unless another process's ``fd`` is safe to map ``size`` bytes of
+    at ``offset``: sealed against shrinking (else the owner can truncate it under our
+    mapping, and the next access is SIGBUS) and at least ``offset + size`` long.
+    QEMU's ``memory-backend-memfd`` seals by default; a plain file cannot be sealed."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0  # not a memfd (a file on disk, a device): it cannot be sealed
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise GuestMemoryError("shared memory fd is not sealed against shrinking "
+                               "(F_SEAL_SHRINK): use a sealed memfd (memory-backend-memfd)")
+    try:
+        length = os.fstat(fd).st_size
+    except OSError as e:
+        raise GuestMemoryError(f"shared memory fd: {e.strerror}") from None
+    if size <= 0 or offset < 0 or offset + size > length:
+        raise GuestMemoryError(f"{size:#x} bytes at offset {offset:#x} do not fit a shared "
+                               f"memory fd of {length:#x} bytes")
 
 
 @dataclass(eq=False)
@@ -56,9 +95,8 @@ class GuestMemory:
         for r in self._regions:
             if guest_addr < r.end and r.guest_addr < guest_addr + size:
                 raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} overlaps {r.name}")
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = sealed_memfd(name, size)
         try:
-            os.ftruncate(fd, size)
             m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:
             os.close(fd)
@@ -72,17 +110,18 @@ class GuestMemory:
     def add_mapped(self, guest_addr: int, size: int, fd: int, file_offset: int,
                    name: str = "shared") -> GuestRegion:
         """Map another process's guest RAM from its fd (vhost-user SET_MEM_TABLE,
-        vfio-user DMA_MAP). ``fd`` is taken over; ``file_offset`` need not be aligned."""
+        vfio-user DMA_MAP). On success the region owns ``fd``; on GuestMemoryError it
+        stays the caller's. ``file_offset`` need not be aligned. The fd must pass
+        ``check_mappable``, which also bounds size and offset below 2^63."""
+        check_mappable(fd, file_offset, size)
         for r in self._regions:
             if guest_addr < r.end and r.guest_addr < guest_addr + size:
-                os.close(fd)
                 raise GuestMemoryError(f"region {guest_addr:#x}+{size:#x} overlaps {r.name}")
         start = file_offset & ~(mmap.PAGESIZE - 1)
         try:
             m = mmap.mmap(fd, file_offset - start + size, mmap.MAP_SHARED,
                           mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        except (OSError, ValueError) as e:
-            os.close(fd)
+        except (OSError, ValueError, OverflowError) as e:
             raise GuestMemoryError(f"cannot map region {guest_addr:#x}+{size:#x}: {e}") from None
         region = GuestRegion(guest_addr, size, fd, m, name, map_offset=file_offset - start)
         i = bisect.bisect(self._starts, guest_addr)

@@ -78,6 +78,14 @@ class VfioUserError(PyvmmError):
         self.errno = errno_
 
 
+def frame(header: bytes) -> int:
+    """A message's total length from its header (the channel's framing function)."""
+    size = int(HEADER.unpack(header)[2])
+    if not HEADER.size <= size <= MAX_MESSAGE:
+        raise VfioUserError(0, f"message size {size} outside {HEADER.size}..{MAX_MESSAGE}")
+    return size
+
+
 def encode(msg_id: int, cmd: int, payload: bytes = b"", flags: int = 0, error: int = 0) -> bytes:
     return HEADER.pack(msg_id, cmd, HEADER.size + len(payload), flags, error) + payload
 

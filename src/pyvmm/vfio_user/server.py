@@ -17,25 +17,42 @@
 - DEVICE_RESET resets the device.
 
 Malformed requests (short payloads, unknown regions or IRQ indices, out-of-range
-accesses, wrong fd counts, overlapping maps) get an error reply with an errno; the
-session goes on. Only an unparsable stream (bad header, oversize) closes it.
+accesses, wrong fd counts, overlapping maps, an fd that is not an eventfd where one
+belongs, memory not sealed against shrinking) get an error reply with an errno; the
+session goes on. An unparsable stream (bad header, oversize), a message left
+incomplete, replies left unread, or anything else a handler raises closes that
+session only. Messages arrive through a ``MessageChannel`` (``peer/channel.py``),
+whose fd rule holds here: a command takes the fds it keeps out of its list; whatever
+is left — every fd of a command that takes none, or of one that failed — the channel
+closes.
+
+- DMA_UNMAP first tells the device (``PCIDevice.dma_unmapped``): a virtio device waits
+  for its pool I/O and stops a queue whose rings were there (DEVICE_NEEDS_RESET), an
+  NVMe controller with a queue there goes fatal; only then is the range unmapped and
+  the unmap answered, so nothing writes into the client's memory after that.
 """
 
 from __future__ import annotations
 
-import array
 import errno
 import functools
 import json
 import os
 import socket
-import struct
 from collections.abc import Callable
 
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.errors import GuestMemoryError
 from pyvmm.event import EventManager
 from pyvmm.memory import GuestMemory
+from pyvmm.peer import (
+    ChannelLimits,
+    MessageChannel,
+    PeerError,
+    UnixListener,
+    checked_eventfd,
+    signal_eventfd,
+)
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.vfio_user import protocol as P
 
@@ -51,86 +68,56 @@ class EventfdLine:
 
     def set_level(self, level: bool) -> None:
         if level and not self.level and self.fd is not None:
-            os.eventfd_write(self.fd, 1)
+            signal_eventfd(self.fd)
         self.level = level
 
     def pulse(self) -> None:
         if self.fd is not None:
-            os.eventfd_write(self.fd, 1)
+            signal_eventfd(self.fd)
 
 
 class Session:
     def __init__(self, conn: socket.socket, factory: Factory, events: EventManager,
-                 on_close: Callable[[Session], None]) -> None:
-        self.conn, self.events, self.on_close = conn, events, on_close
+                 on_close: Callable[[Session], None], errors: OnceLog | None = None,
+                 limits: ChannelLimits | None = None) -> None:
+        self.events, self.on_close = events, on_close
         self.mem = GuestMemory()
         self.device = factory(self.mem)
         self.intx = EventfdLine()
         self.device.intx = self.intx
         self.irq_fds: dict[int, list[int | None]] = {}
         self.dma_maps: dict[int, tuple[int, bool]] = {}  # iova -> (size, has memory)
-        self.errors = OnceLog()
+        self.errors = errors or OnceLog()
         self.counts: dict[str, int] = {}
         self.closed = False
         self._reply_fds: list[int] = []  # fds that ride along with the next reply
-        events.add(conn.fileno(), self._readable)
+        try:
+            self.channel = MessageChannel(conn, events, header_size=P.HEADER.size,
+                                          frame=P.frame, handler=self._message,
+                                          on_close=lambda _reason: self.close(),
+                                          name="vfio-user", errors=self.errors, limits=limits)
+        except BaseException:
+            self.device.close()
+            raise
 
     # --- transport ------------------------------------------------------------------
-    def _readable(self, fd: int, ev: int) -> None:
-        try:
-            hdr, anc = self._recv_exact(P.HEADER.size, with_fds=True)
-            msg_id, cmd, size, flags, _err = P.HEADER.unpack(hdr)
-            if size < P.HEADER.size or size > P.MAX_MESSAGE:
-                raise ConnectionError(f"message size {size}")
-            payload, _ = self._recv_exact(size - P.HEADER.size)
-        except EOFError:
-            self.close()
-            return
-        except (ConnectionError, OSError) as e:
-            self.errors.warn("stream", f"vfio-user: {e}; closing the session")
-            self.close()
-            return
-        fds = anc
+    def _message(self, data: bytes, fds: list[int]) -> None:
+        msg_id, cmd, _size, flags, _err = P.HEADER.unpack_from(data)
+        payload = data[P.HEADER.size:]
         name = P.Command(cmd).name if cmd in P.Command._value2member_map_ else str(cmd)
         self.counts[name] = self.counts.get(name, 0) + 1
+        self._reply_fds = []
         try:
             out = self._handle(cmd, payload, fds)
-            taken = True
-        except (ValueError, struct.error, IndexError) as e:  # a device model bug: contain it
-            self.errors.warn(f"bug:{type(e).__name__}", f"vfio-user {name}: {e!r}; closing")
-            self.close()
-            return
-        except P.VfioUserError as e:
-            self.errors.warn(f"req:{name}:{e.errno}", f"vfio-user {name}: {e}")
-            for f in fds:
-                os.close(f)
+        except (P.VfioUserError, PeerError) as e:  # refused; the session goes on
+            code = e.errno if isinstance(e, P.VfioUserError) else errno.EINVAL
+            self.errors.warn(f"req:{name}:{code}", f"vfio-user {name}: {e}")
             if not flags & P.FLAG_NO_REPLY:
-                self.conn.sendall(P.error_reply(msg_id, cmd, e.errno))
+                self.channel.send(P.error_reply(msg_id, cmd, code))
             return
-        if taken and not flags & P.FLAG_NO_REPLY:
-            data, self._reply_fds, out_fds = P.reply(msg_id, cmd, out), [], self._reply_fds
-            if out_fds:
-                socket.send_fds(self.conn, [data], out_fds)
-            else:
-                self.conn.sendall(data)
-
-    def _recv_exact(self, n: int, with_fds: bool = False) -> tuple[bytes, list[int]]:
-        fds = array.array("i")
-        buf = b""
-        while len(buf) < n:
-            if with_fds and not buf:
-                data, anc, _, _ = self.conn.recvmsg(n, socket.CMSG_LEN(16 * 4))
-                for level, typ, raw in anc:
-                    if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                        fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
-            else:
-                data = self.conn.recv(n - len(buf))
-            if not data:
-                for f in fds:
-                    os.close(f)
-                raise EOFError("client closed")
-            buf += data
-        return buf, list(fds)
+        # Anything else (a device model bug) propagates: the channel closes the session.
+        if not flags & P.FLAG_NO_REPLY:
+            self.channel.send(P.reply(msg_id, cmd, out), self._reply_fds)
 
     # --- requests -------------------------------------------------------------------
     def _handle(self, cmd: int, p: bytes, fds: list[int]) -> bytes:
@@ -144,7 +131,7 @@ class Session:
         if cmd == C.DMA_MAP:
             return self._dma_map(p, fds)
         if cmd == C.DMA_UNMAP:
-            return self._dma_unmap(p)
+            return self._dma_unmap(p)  # takes no fds: any sent with it the channel closes
         if cmd == C.DEVICE_GET_INFO:
             return P.DEVICE_INFO.pack(P.DEVICE_INFO.size,
                                       P.VFIO_DEVICE_FLAGS_PCI | P.VFIO_DEVICE_FLAGS_RESET,
@@ -243,10 +230,11 @@ class Session:
         if not fds:
             self.dma_maps[iova] = (size, False)  # no fd: not accessible to us (ROM, BIOS)
             return b""
-        try:
+        try:  # the fd must be sealed against shrinking and long enough (check_mappable)
             self.mem.add_mapped(iova, size, fds[0], offset)
         except GuestMemoryError as e:
-            raise P.VfioUserError(errno.EINVAL, str(e)) from None
+            raise P.VfioUserError(errno.EINVAL, str(e)) from None  # the fd is still ours
+        fds.clear()  # the region owns it now
         self.dma_maps[iova] = (size, True)
         return b""
 
@@ -254,11 +242,14 @@ class Session:
         if len(p) < P.DMA_UNMAP.size:
             raise P.VfioUserError(errno.EINVAL, "short DMA_UNMAP")
         _argsz, _flags, iova, _size = P.DMA_UNMAP.unpack_from(p)
-        entry = self.dma_maps.pop(iova, None)
+        entry = self.dma_maps.get(iova)
         if entry is None:
             raise P.VfioUserError(errno.ENOENT, f"no DMA map at {iova:#x}")
         if entry[1]:
+            # Users first: in-flight I/O finishes, queues there stop; then unmap.
+            self.device.dma_unmapped(iova, entry[0])
             self.mem.remove_region(iova)
+        del self.dma_maps[iova]
         return b""
 
     def _set_irqs(self, p: bytes, fds: list[int]) -> bytes:
@@ -274,11 +265,14 @@ class Session:
             # eventfds yet (the kernel API's fd -1), which unsets those vectors.
             if fds and len(fds) != count:
                 raise P.VfioUserError(errno.EINVAL, f"{count} vectors but {len(fds)} fds")
+            for fd in fds:  # all checked before any is used: eventfds, non-blocking
+                checked_eventfd(fd, f"IRQ index {index}")
+            taken, fds[:] = list(fds), []
             for i in range(count):
                 old = slots[start + i]
                 if old is not None:
                     os.close(old)
-                slots[start + i] = fds[i] if fds else None
+                slots[start + i] = taken[i] if taken else None
         elif flags & P.VFIO_IRQ_SET_DATA_NONE and count == 0:
             for i, old in enumerate(slots):  # disable all of this index
                 if old is not None:
@@ -300,41 +294,59 @@ class Session:
 
     def _vector_trigger(self, index: int, n: int) -> bool:
         fds = self.irq_fds.get(index) or []
-        if 0 <= n < len(fds) and fds[n] is not None:
-            os.eventfd_write(fds[n], 1)  # type: ignore[arg-type]
+        fd = fds[n] if 0 <= n < len(fds) else None
+        if fd is not None:
+            signal_eventfd(fd)
             return True
         return False
 
     def close(self) -> None:
+        """End the session: the device lets go of the client's memory (its I/O done,
+        its queues stopped) and its own resources, then every fd the session took."""
         if self.closed:
             return
         self.closed = True
-        self.events.remove(self.conn.fileno())
-        for slots in self.irq_fds.values():
-            for fd in slots:
-                if fd is not None:
-                    os.close(fd)
-        self.mem.close()
-        self.conn.close()
-        self.on_close(self)
+        self.channel.close()
+        try:
+            # A reset first, as for a function whose host went away (no NEEDS_RESET
+            # to report to anyone); then all memory goes: I/O still in flight finishes.
+            self.device.reset()
+            self.device.dma_unmapped(0, 1 << 64)
+            self.device.close()  # e.g. the test device's shared-BAR memfd
+        finally:
+            for slots in self.irq_fds.values():
+                for fd in slots:
+                    if fd is not None:
+                        os.close(fd)
+            self.irq_fds.clear()
+            self.mem.close()
+            self.on_close(self)
 
 
 class VfioUserServer:
-    def __init__(self, path: str, factory: Factory, events: EventManager | None = None) -> None:
+    """One listening socket; every client that connects gets its own session and its
+    own device from ``factory``. ``limits`` bound what one client may cost."""
+
+    def __init__(self, path: str, factory: Factory, events: EventManager | None = None,
+                 limits: ChannelLimits | None = None) -> None:
         self.events = events or EventManager()
         self.factory = factory
         self.path = path
+        self.limits = limits
+        self.errors = OnceLog()
         self.sessions: list[Session] = []
-        if os.path.exists(path):
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(2)
-        self.events.add(self.sock.fileno(), self._accept)
+        self.closed_sessions = 0
+        # ConfigError if something other than a stale socket is at ``path``.
+        self.listener = UnixListener(path, self.events, self._accept, errors=self.errors)
 
-    def _accept(self, fd: int, ev: int) -> None:
-        conn, _ = self.sock.accept()
-        self.sessions.append(Session(conn, self.factory, self.events, self.sessions.remove))
+    def _accept(self, conn: socket.socket) -> None:
+        self.sessions.append(Session(conn, self.factory, self.events, self._closed,
+                                     self.errors, self.limits))
+
+    def _closed(self, s: Session) -> None:
+        self.closed_sessions += 1
+        if s in self.sessions:
+            self.sessions.remove(s)
 
     def serve_forever(self) -> None:
         while True:
@@ -343,6 +355,4 @@ class VfioUserServer:
     def close(self) -> None:
         for s in list(self.sessions):
             s.close()
-        self.sock.close()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        self.listener.close()

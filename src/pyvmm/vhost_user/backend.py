@@ -7,15 +7,18 @@ its vrings become ``Virtqueue``s over that memory (vring addresses are translate
 from the front end's user addresses to guest-physical ones), kicks arrive on its
 kick eventfds and interrupts leave on its call eventfds — all on one epoll loop.
 
-A malformed message (wrong size, missing fd, ring index out of range, ring outside
-the mapped memory, unknown request) gets an error answer where the protocol has one
-(REPLY_ACK with a non-zero u64, GET_* with an empty answer) and the session is
-closed; the process and other sessions go on.
+Every session's messages come through a ``MessageChannel`` (``peer/channel.py``):
+non-blocking, complete messages only, a deadline for a message in progress, replies
+queued in order, and the channel's fd rule — a handler takes the fds it keeps from
+``Message.fds``; what is left there after handling, the channel closes. A malformed
+message (wrong size, missing fd, ring index out of range, ring outside the mapped
+memory, unknown request, an fd of the wrong kind or unsealed memory) gets a non-zero
+REPLY_ACK where the front end asked for one and the session is closed; the process and
+other sessions go on. Anything else a handler raises closes that session too.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import functools
 import os
@@ -25,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvmm.devices.virtio.core import VirtioDevice
-from pyvmm.devices.virtio.queue import QueueConfig, Virtqueue, VirtqueueError
-from pyvmm.errors import GuestMemoryError
+from pyvmm.devices.virtio.queue import QueueConfig, Virtqueue
+from pyvmm.errors import GuestMemoryError, PyvmmError
 from pyvmm.event import EventManager
 from pyvmm.memory import GuestMemory
+from pyvmm.peer import ChannelLimits, MessageChannel, UnixListener, checked_eventfd, signal_eventfd
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.vhost_user.inflight import InflightArea
 from pyvmm.vhost_user.protocol import (
@@ -44,6 +48,7 @@ from pyvmm.vhost_user.protocol import (
     Request,
     decode_header,
     encode_reply,
+    frame,
 )
 
 PROTOCOL_FEATURES = (1 << ProtocolFeature.CONFIG) | (1 << ProtocolFeature.REPLY_ACK) | (
@@ -70,10 +75,12 @@ class CallInterrupt:
         self.signals = 0
 
     def signal_queue(self, vq: Virtqueue) -> None:
+        # Event loop or a pool completion, both under the device lock, under which
+        # SET_VRING_CALL swaps the fd: it is never closed while being written.
         for ring in self.session.rings:
             if ring.vq is vq and ring.call is not None:
                 self.signals += 1
-                os.eventfd_write(ring.call, 1)
+                signal_eventfd(ring.call)  # checked eventfd; full = already pending
 
     def signal_config(self) -> None:
         pass  # config-change notices need the backend-request channel (not offered)
@@ -81,71 +88,45 @@ class CallInterrupt:
 
 class Session:
     def __init__(self, conn: socket.socket, device: VirtioDevice, events: EventManager,
-                 on_close: Callable[[Session], None]) -> None:
-        self.conn, self.device, self.events, self.on_close = conn, device, events, on_close
+                 on_close: Callable[[Session], None], errors: OnceLog | None = None,
+                 limits: ChannelLimits | None = None) -> None:
+        self.device, self.events, self.on_close = device, events, on_close
         self.mem = GuestMemory()
         self.regions: list[MemoryRegion] = []
         self.rings = [Ring() for _ in device.queue_max_sizes]
         self.features = 0
         self.protocol_features = 0
         self.irq = CallInterrupt(self)
-        self.errors = OnceLog()
-        self.messages = 0
+        self.errors = errors or OnceLog()
         self.closed = False
         self.inflight: InflightArea | None = None
-        events.add(conn.fileno(), self._readable)
+        device.on_fault = self._ring_fault  # host-started work: pool completions, TAP frames
+        self.channel = MessageChannel(conn, events, header_size=HEADER.size, frame=frame,
+                                      handler=self._message, on_close=self._ended,
+                                      name="vhost-user", errors=self.errors, limits=limits)
+
+    @property
+    def messages(self) -> int:
+        return self.channel.messages
 
     # --- transport ----------------------------------------------------------------------
-    def _recv(self) -> Message | None:
-        fds = array.array("i")
-        try:
-            raw, anc, _flags, _ = self.conn.recvmsg(HEADER.size, socket.CMSG_LEN(64 * 4))
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            raw, anc = b"", []
-        for level, typ, data in anc:
-            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-        if not raw:
-            for fd in fds:
-                os.close(fd)
-            raise EOFError
-        try:
-            request, flags, size = decode_header(raw)
-            payload = b""
-            while len(payload) < size:
-                chunk = self.conn.recv(size - len(payload))
-                if not chunk:
-                    raise ProtocolError("connection closed inside a message")
-                payload += chunk
-        except (ProtocolError, OSError):
-            for fd in fds:
-                os.close(fd)
-            raise
-        return Message(request, flags, payload, list(fds))
-
     def _send(self, request: int, payload: bytes, fds: list[int] | None = None) -> None:
-        data = encode_reply(request, payload)
-        if fds:
-            socket.send_fds(self.conn, [data], fds)
-        else:
-            self.conn.sendall(data)
+        self.channel.send(encode_reply(request, payload), fds or ())
 
-    def _readable(self, fd: int, ev: int) -> None:
+    def _message(self, data: bytes, fds: list[int]) -> None:
+        request, flags, _ = decode_header(data[:HEADER.size])
+        m = Message(request, flags, data[HEADER.size:], fds)  # the channel's list: take()
         try:
-            self.conn.setblocking(True)
-            msg = self._recv()
-            if msg is None:
-                return
-            self.messages += 1
-            self._handle(msg)
-        except EOFError:
+            self._handle(m)
+        except PyvmmError as e:  # the peer broke a rule: refuse, then end the session
+            self.errors.warn(f"protocol:{type(e).__name__}",
+                             f"vhost-user: request {request}: {e}; closing the session")
+            if m.need_reply and self.protocol_features & (1 << ProtocolFeature.REPLY_ACK):
+                self._send(request, struct.pack("<Q", 1))  # best effort: a failure ack
             self.close()
-        except (ProtocolError, VirtqueueError, GuestMemoryError, OSError, ValueError,
-                struct.error) as e:
-            self.errors.warn("protocol", f"vhost-user: {e}; closing the session")
-            self.close()
+
+    def _ended(self, _reason: str) -> None:
+        self.close()
 
     # --- requests ---------------------------------------------------------------------
     def _ring(self, index: int) -> Ring:
@@ -162,7 +143,6 @@ class Session:
     def _handle(self, m: Message) -> None:
         R = Request
         req, dev = m.request, self.device
-        extra_fds = list(m.fds)
         ack: int | None = 0
         if req == R.GET_FEATURES:
             self._send(req, struct.pack("<Q", dev.features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)))
@@ -187,12 +167,12 @@ class Session:
             self._reset()
         elif req == R.SET_MEM_TABLE:
             self._set_mem_table(m)
-            extra_fds = []
         elif req == R.SET_VRING_NUM:
             i, num = m.vring_state()
             ring = self._ring(i)
             if not num or num & (num - 1) or num > dev.queue_max_sizes[i]:
                 raise ProtocolError(f"vring {i} size {num}")
+            self._inflight_fits(i, num)
             ring.num = num
         elif req == R.SET_VRING_BASE:
             i, base = m.vring_state()
@@ -212,19 +192,17 @@ class Session:
             v = m.u64()
             ring = self._ring(v & VHOST_USER_VRING_IDX_MASK)
             fd = None
-            if not v & VHOST_USER_VRING_NOFD_MASK:
-                if len(m.fds) != 1:
-                    raise ProtocolError(f"request {req} without its eventfd")
-                fd = m.fds[0]
-                extra_fds = []
+            if not v & VHOST_USER_VRING_NOFD_MASK and req != R.SET_VRING_ERR:
+                # Checked before it is used: an eventfd, non-blocking (peer/fds.py).
+                fd = m.take(checked_eventfd(m.one_fd(), Request(req).name))
             if req == R.SET_VRING_KICK:
                 self._set_kick(ring, fd)
             elif req == R.SET_VRING_CALL:
-                if ring.call is not None:
-                    os.close(ring.call)
-                ring.call = fd
-            elif fd is not None:
-                os.close(fd)  # error eventfd: we never signal it
+                with dev.core_lock:  # a pool completion may be signalling the old one
+                    old, ring.call = ring.call, fd
+                if old is not None:
+                    os.close(old)
+            # SET_VRING_ERR: we never signal it; its fd stays in the message (closed)
         elif req == R.SET_VRING_ENABLE:
             i, on = m.vring_state()
             ring = self._ring(i)
@@ -245,14 +223,8 @@ class Session:
             ack = None
         elif req == R.SET_INFLIGHT_FD:
             size, off, nq, qs = m.inflight()
-            if len(m.fds) != 1:
-                raise ProtocolError("SET_INFLIGHT_FD without its fd")
-            extra_fds = []
-            try:
-                area = InflightArea(m.fds[0], size, off, nq, qs)
-            except ProtocolError:
-                os.close(m.fds[0])
-                raise
+            area = InflightArea(m.one_fd(), size, off, nq, qs)
+            m.take(area.fd)
             if nq != len(self.rings):
                 area.close()
                 raise ProtocolError(f"inflight region for {nq} queues, device has "
@@ -263,8 +235,6 @@ class Session:
             dev.write_config(offset, size, int.from_bytes(data[:8], "little"))
         else:
             raise ProtocolError(f"unsupported request {req}")
-        for fd in extra_fds:
-            os.close(fd)
         if ack is not None and m.need_reply and self.protocol_features & (
                 1 << ProtocolFeature.REPLY_ACK):
             self._send(req, struct.pack("<Q", ack))
@@ -272,19 +242,19 @@ class Session:
     def _set_mem_table(self, m: Message) -> None:
         regions = m.mem_table()
         if len(m.fds) != len(regions):
-            for fd in m.fds:
-                os.close(fd)
             raise ProtocolError(f"{len(regions)} regions but {len(m.fds)} fds")
         self._drain()  # no pool thread may still be writing into the old mappings
         for ring in self.rings:
             self._stop(ring)
         self.mem.close()
         self.mem = GuestMemory()
-        try:
-            for r, fd in zip(regions, m.fds, strict=True):
+        self.regions = []
+        for r, fd in zip(regions, list(m.fds), strict=True):
+            try:  # checks the seal and the file's length first (check_mappable)
                 self.mem.add_mapped(r.guest_phys_addr, r.memory_size, fd, r.mmap_offset)
-        except GuestMemoryError as e:
-            raise ProtocolError(str(e)) from None
+            except GuestMemoryError as e:
+                raise ProtocolError(str(e)) from None  # fds not yet mapped: still m's
+            m.take(fd)
         self.regions = regions
 
     def _set_kick(self, ring: Ring, fd: int | None) -> None:
@@ -294,7 +264,7 @@ class Session:
         ring.kick = fd
         if fd is not None:
             idx = self.rings.index(ring)
-            self.events.add(fd, functools.partial(self._on_kick, idx))
+            self.events.add(fd, functools.partial(self._on_kick, idx), fail=self._ended)
         if not self.protocol_features and not self.features & (
                 1 << VHOST_USER_F_PROTOCOL_FEATURES):
             ring.enabled = True  # without protocol features a ring starts when kicked
@@ -316,6 +286,7 @@ class Session:
         idx = self.rings.index(ring)
         if self.inflight is not None and self.protocol_features & (
                 1 << ProtocolFeature.INFLIGHT_SHMFD):
+            self._inflight_fits(idx, ring.num)
             iq = self.inflight.queues[idx]
             # What a predecessor took and never used is served again, first; the
             # available ring continues after it (libvhost-user does the same).
@@ -329,6 +300,13 @@ class Session:
         dev.activate(self.mem, [r.vq for r in self.rings], self.irq)
         self._kicked(self.rings.index(ring), drain=False)
 
+    def _inflight_fits(self, index: int, num: int) -> None:
+        """A ring may not have more entries than its inflight queue tracks: a head past
+        them would index beyond that queue's part of the region."""
+        if self.inflight is not None and num > self.inflight.queues[index].queue_size:
+            raise ProtocolError(f"vring {index} of {num} entries, inflight region tracks "
+                                f"{self.inflight.queues[index].queue_size}")
+
     def _on_kick(self, index: int, _fd: int, _ev: int) -> None:
         self._kicked(index)
 
@@ -341,12 +319,22 @@ class Session:
                 return
         if ring.vq is None:
             return
-        try:
-            with self.device.core_lock:  # pool completions take it too (VirtioBlk)
+        with self.device.core_lock:  # pool completions take it too (VirtioBlk)
+            try:
                 self.device.process_queue(index)
-        except (VirtqueueError, GuestMemoryError) as e:
-            self.errors.warn("ring", f"vhost-user: ring {index}: {e}; ring stopped")
-            ring.vq = None
+            except PyvmmError as e:  # VirtqueueError, GuestMemoryError: the ring's own fault
+                self._ring_fault(index, e)
+
+    def _ring_fault(self, index: int, e: Exception) -> None:
+        """Work on ring ``index`` failed (a kick, or host-started work through
+        ``VirtioDevice.fail``; the device lock is held): that ring stops — the device
+        drops its queue too, so neither TAP frames nor pool completions touch it."""
+        self.errors.warn(f"ring:{type(e).__name__}",
+                         f"vhost-user: ring {index}: {e!r}; ring stopped")
+        if 0 <= index < len(self.rings):
+            self.rings[index].vq = None
+        if 0 <= index < len(self.device.queues):
+            self.device.queues[index] = None
 
     def _stop(self, ring: Ring) -> None:
         ring.vq = None
@@ -373,52 +361,53 @@ class Session:
         self.device.reset()
 
     def close(self) -> None:
+        """End the session: every fd it took (kicks, calls, memory, inflight region)
+        and the channel with what it still holds are closed."""
         if self.closed:
             return
         self.closed = True
         with contextlib.suppress(ProtocolError):  # closing anyway: a timeout changes nothing
             self._drain()  # before the memory the pool writes into is unmapped
-        self.events.remove(self.conn.fileno())
+        self.channel.close()
+        self.device.reset()
         for ring in self.rings:
+            ring.vq = None
             if ring.kick is not None:
                 self.events.remove(ring.kick)
                 os.close(ring.kick)
             if ring.call is not None:
                 os.close(ring.call)
-        self.device.reset()
-        for ring in self.rings:
-            ring.vq = None
+            ring.kick = ring.call = None
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
         self.mem.close()
-        self.conn.close()
         self.on_close(self)
 
 
 class VhostUserServer:
-    """Listening sockets, each with its own device factory; one session per socket at a
-    time (a second front end on the same socket waits, as with QEMU's daemons)."""
+    """Listening sockets, each with its own device factory; every front end that
+    connects gets its own session and device. ``limits`` bound what one peer may cost
+    (peer/channel.py); problems are logged once per kind for the whole server."""
 
-    def __init__(self, events: EventManager | None = None) -> None:
+    def __init__(self, events: EventManager | None = None,
+                 limits: ChannelLimits | None = None) -> None:
         self.events = events or EventManager()
-        self.listeners: dict[int, tuple[socket.socket, Callable[[], VirtioDevice]]] = {}
+        self.limits = limits
+        self.errors = OnceLog()
+        self.listeners: list[UnixListener] = []
         self.sessions: list[Session] = []
         self.closed_sessions = 0
 
     def listen(self, path: str, factory: Callable[[], VirtioDevice]) -> None:
-        if os.path.exists(path):
-            os.unlink(path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(path)
-        s.listen(4)
-        self.listeners[s.fileno()] = (s, factory)
-        self.events.add(s.fileno(), self._accept)
+        """ConfigError if something other than a stale socket is at ``path``."""
+        self.listeners.append(UnixListener(path, self.events,
+                                           functools.partial(self._accept, factory),
+                                           errors=self.errors))
 
-    def _accept(self, fd: int, ev: int) -> None:
-        sock, factory = self.listeners[fd]
-        conn, _ = sock.accept()
-        self.sessions.append(Session(conn, factory(), self.events, self._closed))
+    def _accept(self, factory: Callable[[], VirtioDevice], conn: socket.socket) -> None:
+        self.sessions.append(Session(conn, factory(), self.events, self._closed,
+                                     self.errors, self.limits))
 
     def _closed(self, s: Session) -> None:
         self.closed_sessions += 1
@@ -432,8 +421,5 @@ class VhostUserServer:
     def close(self) -> None:
         for s in list(self.sessions):
             s.close()
-        for sock, _ in self.listeners.values():
-            path = sock.getsockname()
-            sock.close()
-            if isinstance(path, str) and os.path.exists(path):
-                os.unlink(path)
+        for listener in self.listeners:
+            listener.close()

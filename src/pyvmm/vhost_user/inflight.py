@@ -16,7 +16,10 @@ used ring, then the head's flag is cleared and ``used_idx`` follows; a crash in
 between is detected by ``used_idx`` differing from the ring's and repaired.
 
 Everything here is read from memory another process wrote: sizes are checked against
-the mapping, heads against desc_num, and a corrupt region is a ``ProtocolError``.
+the mapping, heads against desc_num, and a corrupt region is a ``ProtocolError``. The
+region's fd must be sealed against shrinking and long enough (``check_mappable``), as
+guest memory must: a front end that truncated it would make the next access SIGBUS.
+Ours is a memfd sealed at its size.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import mmap
 import os
 import struct
 
+from pyvmm.errors import GuestMemoryError
+from pyvmm.memory import check_mappable, sealed_memfd
 from pyvmm.vhost_user.protocol import ProtocolError
 
 INFLIGHT_VERSION = 1
@@ -54,8 +59,12 @@ class InflightArea:
         if offset % mmap.PAGESIZE or size > 1 << 26:
             raise ProtocolError(f"inflight region offset {offset:#x} / size {size} unusable")
         try:
+            check_mappable(fd, offset, size)
+        except GuestMemoryError as e:
+            raise ProtocolError(f"inflight region: {e}") from None
+        try:
             self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, OverflowError) as e:
             raise ProtocolError(f"cannot map the inflight region: {e}") from None
         self.fd, self.size = fd, size
         self.queues = [InflightQueue(memoryview(self.map)[i * per:(i + 1) * per], queue_size)
@@ -64,9 +73,12 @@ class InflightArea:
     @classmethod
     def create(cls, num_queues: int, queue_size: int) -> InflightArea:
         size = queue_region_size(queue_size) * num_queues
-        fd = os.memfd_create("pyvmm-inflight", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        return cls(fd, size, 0, num_queues, queue_size)
+        fd = sealed_memfd("pyvmm-inflight", size)
+        try:
+            return cls(fd, size, 0, num_queues, queue_size)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def close(self) -> None:
         for q in self.queues:

@@ -84,6 +84,18 @@ class Message:
     def need_reply(self) -> bool:
         return bool(self.flags & VHOST_USER_NEED_REPLY_MASK)
 
+    # --- fds: the message holds them until a handler takes one (peer/channel.py) ------
+    def one_fd(self) -> int:
+        """The message's single fd (still the message's: ``take`` it once it is used)."""
+        if len(self.fds) != 1:
+            raise ProtocolError(f"request {self.request} with {len(self.fds)} fds, needs 1")
+        return self.fds[0]
+
+    def take(self, fd: int) -> int:
+        """The handler keeps ``fd``: the channel will not close it."""
+        self.fds.remove(fd)
+        return fd
+
     # --- payload views, each checking its size -----------------------------------------
     def _need(self, n: int, exact: bool = True) -> None:
         if len(self.payload) < n or (exact and len(self.payload) != n):
@@ -125,6 +137,11 @@ class Message:
         if size > 256 or len(self.payload) != 12 + size:
             raise ProtocolError(f"config message of size {size} in {len(self.payload)} bytes")
         return offset, size, flags, self.payload[12:]
+
+
+def frame(header: bytes) -> int:
+    """A message's total length from its header (the channel's framing function)."""
+    return HEADER.size + decode_header(header)[2]
 
 
 def decode_header(raw: bytes) -> tuple[int, int, int]:

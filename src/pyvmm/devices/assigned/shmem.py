@@ -21,6 +21,7 @@ import os
 from typing import Protocol
 
 from pyvmm.errors import PyvmmError
+from pyvmm.memory import sealed_memfd
 
 
 class BarMapper(Protocol):
@@ -32,8 +33,9 @@ class BarMapper(Protocol):
 class SharedMemoryBar:
     def __init__(self, size: int, name: str = "pyvmm-shm-bar") -> None:
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
+        # Sealed at its size: a vfio-user client maps it, and may hand it back in a
+        # DMA_MAP (QEMU maps the BAR for peer-to-peer), which requires the seal.
+        self.fd = sealed_memfd(name, size)
         self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
         self._anchor = ctypes.c_char.from_buffer(self.map)
         self.host_addr = ctypes.addressof(self._anchor)

@@ -101,6 +101,18 @@ class NvmeController(PCIDevice):
         self.errors.warn("nvme-fatal", f"nvme: controller fatal: {why}")
         self.csts |= N.NVME_CSTS_CFS
 
+    def dma_unmapped(self, start: int, size: int) -> None:
+        """A queue's memory is going away (vfio-user DMA_UNMAP): fatal, as for a queue
+        whose memory failed. Commands run synchronously, so none is in flight."""
+        end = start + size
+        queues: list[SubmissionQueue | CompletionQueue] = [*self.sqs.values(),
+                                                           *self.cqs.values()]
+        for q in queues:
+            n = q.size * (CMD_SIZE if isinstance(q, SubmissionQueue) else 16)
+            if q.base < end and start < q.base + n:
+                self._fatal(f"queue {q.qid} memory at {q.base:#x} was unmapped")
+                return
+
     @property
     def cap(self) -> int:
         return (MQES | 1 << 16  # CQR: queues must be physically contiguous

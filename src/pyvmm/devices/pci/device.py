@@ -59,6 +59,12 @@ class PCIDevice:
     def close(self) -> None:
         """Release host resources (shared memory, fds); most devices have none."""
 
+    def dma_unmapped(self, start: int, size: int) -> None:
+        """Guest memory [start, start + size) is about to be unmapped (vfio-user DMA_UNMAP,
+        or the session ending): on return nothing of the device may still use it — I/O
+        in flight there finished, queues there stopped. Devices that hold nothing into
+        guest memory between accesses (each access is bounds-checked) need nothing."""
+
     def bar_memory(self, index: int) -> tuple[int, int] | None:
         """(fd, offset) if BAR ``index`` is shared memory a host may map into the guest
         (vfio-user's mmap'able regions); None for trapped BARs."""

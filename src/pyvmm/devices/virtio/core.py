@@ -204,6 +204,27 @@ class VirtioCore:
         self.device.activate(self.mem, vqs, self.irq)
         self.active = True
 
+    def memory_removed(self, start: int, size: int) -> None:
+        """Guest memory [start, start + size) goes away (vfio-user DMA_UNMAP). Requests in
+        the device's I/O pool finish first (they may write there); a running queue with
+        its rings there cannot go on: the device stops (DEVICE_NEEDS_RESET) and the
+        queues' views are released, so the unmap really unmaps."""
+        drain = getattr(self.device, "drain", None)
+        if drain is not None and not drain():  # outside the lock: completions take it
+            self.errors.warn("unmap-drain", "virtio: device I/O still in flight at unmap")
+        with self.lock:
+            end = start + size
+            hit = [i for i, vq in enumerate(self.device.queues) if vq is not None and any(
+                a < end and start < a + n for a, n in vq.ranges())]
+            if not hit:
+                return
+            queues = list(self.device.queues)
+            self.device.reset()  # nothing runs on the old queues any more (TAP reads too)
+            for vq in queues:
+                if vq is not None:
+                    vq.release()
+            self.needs_reset(f"queue {hit[0]}: guest memory under its rings was unmapped")
+
     def needs_reset(self, why: str) -> None:
         self.needs_reset_count += 1
         self.errors.warn(f"needs-reset:{why.split(':')[0]}",

@@ -161,6 +161,18 @@ class Virtqueue:
         self.inflight: InflightLog | None = None
         self.resubmit: deque[int] = deque()  # heads a predecessor took: served first
 
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """(guest address, length) of the descriptor table and both rings."""
+        return ((self.desc, 16 * self.size), (self.avail, 6 + 2 * self.size),
+                (self.used, 6 + 8 * self.size))
+
+    def release(self) -> None:
+        """Let go of the views into guest memory (its mapping is going away); the queue
+        cannot be used after this."""
+        del self._avail_idx, self._used_idx  # ctypes exports first, then the views
+        for v in (self.desc_view, self.avail_view, self.used_view):
+            v.release()
+
     def ring_used_idx(self) -> int:
         """The used index as it is in guest memory (a restarted back end's truth)."""
         return int(self._used_idx.value)

@@ -279,6 +279,9 @@ class VirtioPciDevice(PCIDevice):
         with self.core.lock:
             self.core.set_status(0)
 
+    def dma_unmapped(self, start: int, size: int) -> None:
+        self.core.memory_removed(start, size)
+
 
 # (offset, size) -> (QueueConfig attribute, bit shift)
 _QUEUE_FIELDS: dict[tuple[int, int], tuple[str, int]] = {
