@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pyvmm.backends.unix_socket import close_unix, listen_unix
 from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
+from pyvmm.unix_socket import close_unix, listen_unix
 
 log = logging.getLogger("pyvmm")
 
@@ -73,7 +73,7 @@ class SerialIo:
         # Output written before a socket client connects, kept (bounded) for it.
         self._backlog = bytearray()
         self._out_path: str | None = None
-        self._ino = 0
+        self._inode = (0, 0)
         if cfg.kind == "stdio":
             self._out_fd = 1
             if _pollable(0):
@@ -86,7 +86,7 @@ class SerialIo:
             self._out_path = cfg.path
         elif cfg.kind == "socket":
             assert cfg.path is not None
-            s, self._ino = listen_unix(cfg.path, "serial socket", backlog=1)
+            s, self._inode = listen_unix(cfg.path, "serial socket", backlog=1)
             s.setblocking(False)
             self._listen = s
 
@@ -203,7 +203,7 @@ class SerialIo:
             self._client.close()
         if self._listen is not None:
             assert self.cfg.path is not None
-            close_unix(self._listen, self.cfg.path, self._ino)
+            close_unix(self._listen, self.cfg.path, self._inode)
             self._listen = None
 
 

@@ -14,41 +14,15 @@ again; sessions already open go on meanwhile.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 import socket
-import stat
 from collections.abc import Callable
 
-from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
 from pyvmm.ratelimit_log import OnceLog
+from pyvmm.unix_socket import close_unix, listen_unix
 
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def _clear_stale(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)  # a live server with a full backlog must not block us
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: what a killed server left
-        return
-    except BlockingIOError:
-        pass  # a backlog full of connections: very much alive
-    except OSError as e:
-        raise ConfigError(f"{path} is a socket we cannot probe: {e.strerror}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"{path}: another server is listening on this socket")
 
 
 class UnixListener:
@@ -60,17 +34,8 @@ class UnixListener:
         self.pause = pause
         self.paused = 0  # times accept ran out of fds
         self.closed = False
-        _clear_stale(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.bind(path)
-            st = os.lstat(path)
-            self._inode = (st.st_dev, st.st_ino)
-            self.sock.listen(backlog)
-            self.sock.setblocking(False)  # a connection gone before accept: EAGAIN
-        except BaseException:
-            self.sock.close()
-            raise
+        self.sock, self._inode = listen_unix(path, "socket", backlog)
+        self.sock.setblocking(False)  # a connection gone before accept: EAGAIN
         self.fd = self.sock.fileno()
         events.add(self.fd, self._accept)
 
@@ -103,8 +68,4 @@ class UnixListener:
             return
         self.closed = True
         self.events.remove(self.fd)
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:  # still ours, not a successor's
-                os.unlink(self.path)
+        close_unix(self.sock, self.path, self._inode)

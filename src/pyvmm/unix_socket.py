@@ -19,8 +19,10 @@ from pyvmm.errors import ConfigError
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 
 
-def listen_unix(path: str, what: str, backlog: int = 4) -> tuple[socket.socket, int]:
-    """A listening SOCK_STREAM socket at ``path`` and its inode (for ``close_unix``)."""
+def listen_unix(path: str, what: str, backlog: int = 4
+                ) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening SOCK_STREAM socket at ``path`` and its (device, inode), for
+    ``close_unix``."""
     if "\0" in path:
         raise ConfigError(f"{what} {path!r}: the path contains a NUL byte")
     try:
@@ -41,10 +43,14 @@ def listen_unix(path: str, what: str, backlog: int = 4) -> tuple[socket.socket, 
             raise ConfigError(f"{what} {path}: something that is not a socket is there; "
                               "not replacing it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)  # a live server with a full backlog must not block us
         try:
             probe.connect(path)
         except ConnectionRefusedError:
             os.unlink(path)  # stale: left by a process that is gone
+        except BlockingIOError:
+            raise ConfigError(f"{what} {path}: another process is listening there "
+                              "(its backlog is full)") from None
         except OSError as e:
             raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
         else:
@@ -54,18 +60,19 @@ def listen_unix(path: str, what: str, backlog: int = 4) -> tuple[socket.socket, 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.bind(path)
+        st = os.lstat(path)
         s.listen(backlog)
-        ino = os.stat(path).st_ino
     except OSError as e:
         s.close()
         raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
-    return s, ino
+    return s, (st.st_dev, st.st_ino)
 
 
-def close_unix(sock: socket.socket, path: str, ino: int) -> None:
-    """Close ``sock`` and remove ``path`` if it is still the socket ``listen_unix`` made."""
+def close_unix(sock: socket.socket, path: str, inode: tuple[int, int]) -> None:
+    """Close ``sock`` and remove ``path`` if it is still the socket ``listen_unix`` made
+    (not a successor's that took the path meanwhile)."""
     sock.close()
     with contextlib.suppress(OSError):
         st = os.lstat(path)
-        if stat.S_ISSOCK(st.st_mode) and st.st_ino == ino:
+        if (st.st_dev, st.st_ino) == inode:
             os.unlink(path)
