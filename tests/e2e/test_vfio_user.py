@@ -32,7 +32,8 @@ def test_linux_virtio_blk_over_vfio_user(tmp_path: Path) -> None:
     prepare_guest(tmp_path, {"initrd": SCRIPT})
     img, sock = tmp_path / "d.img", tmp_path / "vfu.sock"
     img.write_bytes(bytes(16 << 20))
-    r, _ = linux_with_vfio_user(tmp_path, ["--device", "virtio-blk", "--disk", str(img)])
+    r, _ = linux_with_vfio_user(tmp_path, ["--device", "virtio-blk,serial=pyvmm-vfu",
+                                           "--disk", str(img)])
     out = r.stdout.decode(errors="replace")
     assert "TCG-TEST-RC=0" in out, out[-1500:] + r.stderr.decode(errors="replace")[-800:]
     sha = re.search(r"SHA=([0-9a-f]{64})", out)

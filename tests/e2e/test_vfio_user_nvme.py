@@ -35,7 +35,8 @@ def test_linux_nvme_driver_over_vfio_user(tmp_path: Path) -> None:
     prepare_guest(tmp_path, {"initrd": SCRIPT})
     img = tmp_path / "n.img"
     img.write_bytes(bytes(16 << 20))
-    r, err = linux_with_vfio_user(tmp_path, ["--device", "nvme", "--disk", str(img)])
+    r, err = linux_with_vfio_user(tmp_path, ["--device", "nvme,serial=pyvmm-vfu-nvme",
+                                             "--disk", str(img)])
     out = r.stdout.decode(errors="replace")
     assert "TCG-TEST-RC=0" in out, (out[-2500:] + r.stderr.decode(errors="replace")[-800:]
                                     + err.decode(errors="replace")[-800:])

@@ -39,6 +39,7 @@ import functools
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable
 
 from pyvmm.devices.pci.device import PCIDevice
@@ -60,20 +61,24 @@ Factory = Callable[[GuestMemory], PCIDevice]
 
 
 class EventfdLine:
-    """INTx over an eventfd: a rising level signals it."""
+    """INTx over an eventfd: a rising level signals it. ``lock`` is the session's IRQ
+    lock: a pool thread may raise the line while SET_IRQS swaps the fd."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock: threading.Lock) -> None:
         self.fd: int | None = None
         self.level = False
+        self.lock = lock
 
     def set_level(self, level: bool) -> None:
-        if level and not self.level and self.fd is not None:
-            signal_eventfd(self.fd)
-        self.level = level
+        with self.lock:
+            if level and not self.level and self.fd is not None:
+                signal_eventfd(self.fd)
+            self.level = level
 
     def pulse(self) -> None:
-        if self.fd is not None:
-            signal_eventfd(self.fd)
+        with self.lock:
+            if self.fd is not None:
+                signal_eventfd(self.fd)
 
 
 class Session:
@@ -83,7 +88,11 @@ class Session:
         self.events, self.on_close = events, on_close
         self.mem = GuestMemory()
         self.device = factory(self.mem)
-        self.intx = EventfdLine()
+        # Interrupts are signalled from wherever the device completes work (the event
+        # loop, an I/O-pool thread) while SET_IRQS replaces and closes eventfds on the
+        # loop: the fds are read and swapped under one lock, never written after close.
+        self._irq_lock = threading.Lock()
+        self.intx = EventfdLine(self._irq_lock)
         self.device.intx = self.intx
         self.irq_fds: dict[int, list[int | None]] = {}
         self.dma_maps: dict[int, tuple[int, bool]] = {}  # iova -> (size, has memory)
@@ -268,18 +277,21 @@ class Session:
             for fd in fds:  # all checked before any is used: eventfds, non-blocking
                 checked_eventfd(fd, f"IRQ index {index}")
             taken, fds[:] = list(fds), []
-            for i in range(count):
-                old = slots[start + i]
-                if old is not None:
-                    os.close(old)
-                slots[start + i] = taken[i] if taken else None
+            with self._irq_lock:
+                for i in range(count):
+                    old = slots[start + i]
+                    if old is not None:
+                        os.close(old)
+                    slots[start + i] = taken[i] if taken else None
         elif flags & P.VFIO_IRQ_SET_DATA_NONE and count == 0:
-            for i, old in enumerate(slots):  # disable all of this index
-                if old is not None:
-                    os.close(old)
-                slots[i] = None
+            with self._irq_lock:
+                for i, old in enumerate(slots):  # disable all of this index
+                    if old is not None:
+                        os.close(old)
+                    slots[i] = None
         if index == P.VFIO_PCI_INTX_IRQ_INDEX:
-            self.intx.fd = slots[0] if slots else None
+            with self._irq_lock:
+                self.intx.fd = slots[0] if slots else None
         elif index in (P.VFIO_PCI_MSI_IRQ_INDEX, P.VFIO_PCI_MSIX_IRQ_INDEX):
             # The client emulates the MSI/MSI-X capability; SET_IRQS says which one the
             # guest enabled. While enabled (even before its eventfds arrive), the
@@ -293,12 +305,13 @@ class Session:
         return b""
 
     def _vector_trigger(self, index: int, n: int) -> bool:
-        fds = self.irq_fds.get(index) or []
-        fd = fds[n] if 0 <= n < len(fds) else None
-        if fd is not None:
-            signal_eventfd(fd)
-            return True
-        return False
+        with self._irq_lock:
+            fds = self.irq_fds.get(index) or []
+            fd = fds[n] if 0 <= n < len(fds) else None
+            if fd is not None:
+                signal_eventfd(fd)
+                return True
+            return False
 
     def close(self) -> None:
         """End the session: the device lets go of the client's memory (its I/O done,
@@ -314,11 +327,13 @@ class Session:
             self.device.dma_unmapped(0, 1 << 64)
             self.device.close()  # e.g. the test device's shared-BAR memfd
         finally:
-            for slots in self.irq_fds.values():
-                for fd in slots:
-                    if fd is not None:
-                        os.close(fd)
-            self.irq_fds.clear()
+            with self._irq_lock:
+                for slots in self.irq_fds.values():
+                    for fd in slots:
+                        if fd is not None:
+                            os.close(fd)
+                self.irq_fds.clear()
+                self.intx.fd = None
             self.mem.close()
             self.on_close(self)
 

@@ -447,6 +447,14 @@ class NvmeConfig(DeviceConfig):
     path: str = option(doc="raw disk image (namespace 1)", metavar="IMG")
     readonly: bool = option(False, "a write-protected namespace")
 
+    serial: str | None = option(None, "the serial number the driver reads (20 ASCII "
+                                "characters at most; default pyvmm-nvme<index>)")
+
+    def check(self) -> None:
+        if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
+                                        or not self.serial.isprintable()):
+            raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")
+
     def validate(self) -> None:
         """Before the VM is built: the image opens as asked (one-line error if not)."""
         RawBlockBackend(self.path, self.readonly).close()
@@ -455,7 +463,7 @@ class NvmeConfig(DeviceConfig):
 def create(cfg: NvmeConfig, ctx: HostContext) -> NvmeController:
     be = RawBlockBackend(cfg.path, cfg.readonly)
     ctx.on_close(be.close)
-    return NvmeController(be, ctx.mem, ctx.msi, serial=f"pyvmm-nvme{ctx.index}")
+    return NvmeController(be, ctx.mem, ctx.msi, serial=cfg.serial or f"pyvmm-nvme{ctx.index}")
 
 
 SPEC = DeviceSpec("nvme", NvmeConfig, Kind.PCI, create,

@@ -328,6 +328,14 @@ class BlkConfig(VirtioConfig):
     path: str = option(doc="raw disk image", metavar="IMG")
     readonly: bool = option(False, "serve the image read-only (VIRTIO_BLK_F_RO)")
 
+    serial: str | None = option(None, "the serial number the driver reads (20 ASCII "
+                                "characters at most; default pyvmm-disk<index>)")
+
+    def check(self) -> None:
+        if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
+                                        or not self.serial.isprintable()):
+            raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")
+
     def validate(self) -> None:
         """Before the VM is built: the image opens as asked (one-line error if not)."""
         RawBlockBackend(self.path, self.readonly).close()
@@ -336,7 +344,7 @@ class BlkConfig(VirtioConfig):
 def create(cfg: BlkConfig, ctx: HostContext) -> VirtioBlk:
     be = RawBlockBackend(cfg.path, cfg.readonly)
     ctx.on_close(be.close)
-    return VirtioBlk(be, serial=f"pyvmm-disk{ctx.index}", pool=ctx.io_pool())
+    return VirtioBlk(be, serial=cfg.serial or f"pyvmm-disk{ctx.index}", pool=ctx.io_pool())
 
 
 SPEC = DeviceSpec("virtio-blk", BlkConfig, Kind.VIRTIO, create,
