@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import struct
 import tempfile
 from collections.abc import Callable
@@ -50,6 +51,19 @@ from pyvmm.vhost_user import protocol as vu
 
 Target = Callable[[bytes], None]
 RAM = 1 << 20
+
+
+_RAM: list[GuestMemory] = []
+
+
+def fresh_ram() -> GuestMemory:
+    """One guest RAM for every run, zeroed: a run sees only its own input, and no run
+    leaves a memfd behind (GuestMemory holds one until closed)."""
+    if not _RAM:
+        _RAM.append(GuestMemory([(0, RAM)]))
+    mem = _RAM[0]
+    mem.write(0, bytes(RAM))
+    return mem
 
 
 class Finding(AssertionError):
@@ -128,7 +142,7 @@ def i8042(data: bytes) -> None:
 
 
 def fw_cfg(data: bytes) -> None:
-    mem = GuestMemory([(0, RAM)])
+    mem = fresh_ram()
     mem.write(0x1000, data[:4096])  # DMA access structures land here
     dev = FwCfg(mem, {0: b"QEMU", 1: b"\3\0\0\0"}, {"opt/x": b"y" * 300, "etc/e820": bytes(20)})
     register_ops(dev, data[4096:] or data, [(0x510, 2), (0x514, 8)], (1, 2, 4, 8))
@@ -136,10 +150,20 @@ def fw_cfg(data: bytes) -> None:
 
 # --- PCI: config space, BARs, MSI/MSI-X through the PCI root ---------------------------
 def pci(data: bytes) -> None:
-    mem = GuestMemory([(0, RAM)])
+    mem = fresh_ram()
     pio, mmio = IoBus(), MmioBus()
     rng = VirtioPciDevice(VirtioRng(), mem, RecordingMsiSink())
-    build_pci(pio, mmio, mem, RecordingMsiSink(), True, [rng])
+    root = build_pci(pio, mmio, mem, RecordingMsiSink(), True, [rng])
+    try:
+        _pci_ops(pio, mmio, data)
+    finally:
+        for _, fn in root.functions():
+            fn.close()  # the test device's shared-BAR memfd
+    if rng.core.bugs:
+        raise Finding("virtio core counted a bug")
+
+
+def _pci_ops(pio: IoBus, mmio: MmioBus, data: bytes) -> None:
     r = Reader(data)
     for _ in range(256):
         if not r.left():
@@ -163,8 +187,6 @@ def pci(data: bytes) -> None:
                 mmio.write(addr, size, r.int(size))
             else:
                 mmio.read(addr, size)
-    if rng.core.bugs:
-        raise Finding("virtio core counted a bug")
 
 
 # --- virtio ------------------------------------------------------------------------------
@@ -178,7 +200,7 @@ def _rings_from(mem: GuestMemory, data: bytes, size: int) -> QueueConfig:
 
 
 def virtqueue(data: bytes) -> None:
-    mem = GuestMemory([(0, RAM)])
+    mem = fresh_ram()
     vq = Virtqueue(mem, _rings_from(mem, data, 16), indirect=True)
     for _ in range(32):
         try:
@@ -197,7 +219,7 @@ def virtqueue(data: bytes) -> None:
 
 
 def _drive(dev: VirtioDevice, data: bytes, features: int) -> None:
-    mem = GuestMemory([(0, RAM)])
+    mem = fresh_ram()
     d = VirtioDriver(dev, mem, features=features, size=16)
     for i, dq in enumerate(d.queues):  # the rings' contents are the fuzzer's
         mem.write(dq.desc, data[:256].ljust(256, b"\0"))
@@ -266,7 +288,7 @@ def virtio_net(data: bytes) -> None:
 
 
 def virtio_pci_regs(data: bytes) -> None:
-    mem = GuestMemory([(0, RAM)])
+    mem = fresh_ram()
     dev = VirtioPciDevice(VirtioRng(), mem, RecordingMsiSink())
     r = Reader(data)
     for _ in range(256):
@@ -287,7 +309,7 @@ def virtio_pci_regs(data: bytes) -> None:
 
 
 def virtio_mmio_regs(data: bytes) -> None:
-    mem = GuestMemory([(0, RAM)])
+    mem = fresh_ram()
     dev = VirtioMmioDevice(VirtioRng(), mem, RecordingLine())
     register_ops(dev, data, [(0xFEB00000, 0x200)], (1, 2, 4, 8))
     if dev.core.bugs:
@@ -296,7 +318,7 @@ def virtio_mmio_regs(data: bytes) -> None:
 
 # --- NVMe --------------------------------------------------------------------------------
 def nvme(data: bytes) -> None:
-    mem = GuestMemory([(0, RAM)])
+    mem = fresh_ram()
     mem.write(0x10000, data[:8192])  # queues and PRP lists the fuzzer may point at
     be = RawBlockBackend(_image())
     try:
@@ -357,12 +379,108 @@ def image_loader(data: bytes) -> None:
             mem.close()
 
 
+# --- peer sessions: a vhost-user backend and a vfio-user server, over a socketpair -------
+def _fds_for(r: Reader) -> list[int]:
+    """What a peer might attach: an eventfd, a sealed memfd of RAM, a pipe end."""
+    from pyvmm.memory.guest_memory import sealed_memfd
+
+    out: list[int] = []
+    for _ in range(r.int(1) % 3):
+        kind = r.int(1) % 3
+        if kind == 0:
+            out.append(os.eventfd(0, os.EFD_CLOEXEC))
+        elif kind == 1:
+            out.append(sealed_memfd("fuzz-ram", RAM))
+        else:
+            a, b = os.pipe()
+            os.close(b)
+            out.append(a)
+    return out
+
+
+def _feed(conn_peer: socket.socket, events: EventManager, r: Reader,
+          header: Callable[[Reader, int], bytes]) -> None:
+    for _ in range(24):
+        if not r.left():
+            break
+        payload = r.take(r.int(1) % 96)
+        msg = header(r, len(payload)) + payload
+        fds = _fds_for(r)
+        try:
+            if fds:
+                socket.send_fds(conn_peer, [msg], fds)
+            else:
+                conn_peer.sendall(msg)
+        except OSError:
+            break  # the server closed the session: what it is allowed to do
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for _ in range(3):
+            events.run_once(0)
+            with contextlib.suppress(BlockingIOError, OSError):
+                conn_peer.recv(65536)
+
+
+def _vhost_header(r: Reader, n: int) -> bytes:
+    req = (1, 2, 3, 5, 8, 9, 10, 11, 12, 13, 15, 16, 17, 18, 24, 31, 32, 34, r.int(1))
+    return vu.HEADER.pack(req[r.int(1) % len(req)], 1 | (r.int(1) & 0x8), n)
+
+
+def vhost_user_session(data: bytes) -> None:
+    from pyvmm.vhost_user.backend import Session
+
+    events = EventManager()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.setblocking(False)
+    closed: list[object] = []
+    be = RawBlockBackend(_image())
+    try:
+        Session(a, VirtioBlk(be), events, closed.append)
+        _feed(b, events, Reader(data), _vhost_header)
+    finally:
+        b.close()
+        for _ in range(4):
+            events.run_once(0)
+        be.close()
+        events.close()
+    if events.bugs:
+        raise Finding(f"the session let a VMM bug through: {dict(events.errors.counts)}")
+
+
+def _vfio_header(r: Reader, n: int) -> bytes:
+    from pyvmm.vfio_user import protocol as P
+
+    cmd = (1, 2, 3, 4, 5, 6, 8, 9, 10, 13, r.int(1))[r.int(1) % 11]
+    return P.HEADER.pack(r.int(2), cmd, P.HEADER.size + n, 0, 0)
+
+
+def vfio_user_session(data: bytes) -> None:
+    from pyvmm.devices.pci.testdev import PciTestDev
+    from pyvmm.vfio_user.server import Session as VfioSession
+
+    events = EventManager()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.setblocking(False)
+    try:
+        VfioSession(a, lambda mem: PciTestDev(mem, RecordingMsiSink()), events, lambda s: None)
+        _feed(b, events, Reader(data), _vfio_header)
+    finally:
+        b.close()
+        for _ in range(4):
+            events.run_once(0)
+        events.close()
+    if events.bugs:
+        raise Finding(f"the session let a VMM bug through: {dict(events.errors.counts)}")
+
+
 TARGETS: dict[str, Target] = {
     "uart": uart, "pic": pic, "pit": pit, "rtc": rtc, "ioapic": ioapic, "i8042": i8042,
     "fw_cfg": fw_cfg, "pci": pci, "virtqueue": virtqueue, "virtio_blk": virtio_blk,
     "virtio_net": virtio_net, "virtio_pci_regs": virtio_pci_regs,
     "virtio_mmio_regs": virtio_mmio_regs, "nvme": nvme, "vhost_user_codec": vhost_user_codec,
     "config_json": config_json, "image_loader": image_loader,
+    "vhost_user_session": vhost_user_session, "vfio_user_session": vfio_user_session,
 }
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
