@@ -1,7 +1,8 @@
 /* pit-irq: program the 8254 for hz= interrupts and count them for ms= of guest time
  * (the TSC, at tsc_khz=), routed through the 8259 (route=1, auto-EOI, vector 0x40) or
- * the IOAPIC (route=2, ISA IRQ 0 on pin 2, edge, vector 0x41). Prints the count and
- * passes if it is within 1% of hz * ms / 1000. */
+ * the IOAPIC (route=2, ISA IRQ 0 on pin 2, edge, vector 0x41). Prints the count in the
+ * window, the total since programming against the periods elapsed since then, and
+ * whether a backlog drained; passes if the total never exceeded the periods. */
 #include "pci.h"
 
 static void pic_init(u8 master_mask)
@@ -30,6 +31,7 @@ int main(void)
     outb(0x43, 0x34);                 /* channel 0, lobyte/hibyte, mode 2, binary */
     outb(0x40, (u8)count);
     outb(0x40, (u8)(count >> 8));
+    u64 tprog = rdtsc();              /* the PIT counts from here */
     if (!wait_irq(vec, 1, 2000000000ul))
         fail("no timer interrupt at all");
     u32 start = irq_count[vec & 15];
@@ -37,12 +39,35 @@ int main(void)
     while (rdtsc() - t0 < span)
         cpu_relax();
     u32 n = irq_count[vec & 15] - start;
+    /* What the device guarantees whatever the host's scheduling: never more interrupts
+     * since programming than periods elapsed since then (a late tick may be delivered
+     * in the window, so the window alone can see more than its share: KVM's PIT
+     * reinjects). And with reinjection (the kernel chip), a backlog drains: wait up
+     * to 3 s for the total to catch up with the periods elapsed. */
+    u64 per_tick = khz * 1000 / hz; /* TSC cycles per period */
+    u64 periods = (rdtsc() - tprog) / per_tick;
+    u32 total = irq_count[vec & 15];
+    int over = total > periods + 2;
+    int caught_up = 0;
+    for (u64 t1 = rdtsc(); rdtsc() - t1 < 3000 * khz;) {
+        u64 p = (rdtsc() - tprog) / per_tick;
+        u32 got = irq_count[vec & 15];
+        if (got > p + 2)
+            over = 1;
+        if (got * 100 >= p * 97) {
+            caught_up = 1;
+            periods = p;
+            total = got;
+            break;
+        }
+        cpu_relax();
+    }
     outb(0x43, 0x30);                 /* mode 0, no count written: channel stops */
     u64 want = hz * ms / 1000;
-    printf("pit-irq route=%lu hz=%lu ms=%lu ticks=%u expected=%lu\n", route, hz, ms, n, want);
-    /* Never more than 1% over the programmed rate. Under it only as far as a busy host
-     * makes ticks coalesce (a timer thread or the vCPU woken late): the rate itself is
-     * checked by the test from the device's own period count; here, that timer
-     * interrupts arrive at all at a plausible rate. */
-    return (n * 100 <= want * 101 && n * 2 >= want) ? 0 : 3;
+    printf("pit-irq route=%lu hz=%lu ms=%lu ticks=%u expected=%lu total=%u periods=%lu "
+           "caught_up=%d over=%d\n", route, hz, ms, n, want, total, periods, caught_up, over);
+    /* Never more than the periods elapsed; under them only as far as a busy host makes
+     * ticks coalesce (the split chip's PIT; the test checks its rate from the device's
+     * own period count). */
+    return (!over && n * 2 >= want) ? 0 : 3;
 }

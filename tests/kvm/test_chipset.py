@@ -40,29 +40,33 @@ def test_pit_1khz_for_one_second(guests: Path, chip: str, route: int, tmp_path: 
     against the periods due by the host clock while it was armed (``pit_due``). The
     guest's window is not that span — the timer is armed before it starts and stopped by
     an exit after it ends, which a descheduled vCPU delays (1036 periods for a 1000 ms
-    window seen in CI). The guest's count may be lower than its window, never higher.
-    KVM's PIT (kernel chip) reinjects late ticks, so there the guest's count is the check."""
+    window seen in CI). KVM's PIT (kernel chip) reinjects late ticks, so its window may
+    see more than its share (1023 seen on a loaded machine): what both chips guarantee
+    is that the total since programming never exceeds the periods elapsed since then,
+    and with reinjection a backlog drains (the guest waits up to 3 s for it)."""
     js = tmp_path / "x.json"
     p = run(guests / "pit_irq.elf", chip, f"route={route} hz=1000 ms=1000 tsc_khz={tsc_khz()}",
             js)
-    m = re.search(r"ticks=(\d+) expected=(\d+)", p.stdout)
+    m = re.search(r"ticks=(\d+) expected=(\d+) total=(\d+) periods=(\d+) caught_up=(\d) "
+                  r"over=(\d)", p.stdout)
     assert m, p.stdout + p.stderr
-    ticks, want = int(m.group(1)), int(m.group(2))
+    ticks, want, total, periods, caught_up, over = map(int, m.groups())
     assert p.returncode == 0, p.stdout
-    assert ticks <= want * 101 // 100, p.stdout
+    # Both chips: never more interrupts since programming than periods since then.
+    assert not over and total <= periods + 2, p.stdout
     rep = json.loads(js.read_text())["irqchip"]
     if chip == "split":
-        periods, due = rep["pit_ticks"] + rep["pit_missed"], rep["pit_due"]
+        periods_counted, due = rep["pit_ticks"] + rep["pit_missed"], rep["pit_due"]
         assert due >= want * 97 // 100, rep  # armed across the guest's window
         # -3%: periods still unread in the timerfd when the guest stops the timer are lost
-        assert due * 97 // 100 - 2 <= periods <= due + 2, rep
+        assert due * 97 // 100 - 2 <= periods_counted <= due + 2, rep
         assert ticks >= want // 2, p.stdout
         delivered = rep["pic_injected"] if route == 1 else rep["ioapic_delivered"]
         assert rep["pit_ticks"] >= ticks and delivered >= ticks
     else:
-        # 986 of 1000 seen on a CI machine busy with QEMU; a wrong divisor or mode is off
-        # by far more than 5%.
-        assert ticks >= want * 95 // 100, p.stdout
+        # KVM's PIT reinjects what a stalled vCPU missed: the total catches up with the
+        # periods elapsed (a wrong divisor or mode would not), whatever the scheduling.
+        assert caught_up, p.stdout
 
 
 @pytest.mark.parametrize("chip", ["kernel", "split"])
