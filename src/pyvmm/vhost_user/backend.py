@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvmm.devices.virtio.core import VirtioDevice
-from pyvmm.devices.virtio.queue import QueueConfig, Virtqueue
+from pyvmm.devices.virtio.queue import QueueConfig, Virtqueue, VirtqueueError, start_queue
 from pyvmm.errors import GuestMemoryError, PyvmmError
 from pyvmm.event import EventManager
 from pyvmm.memory import GuestMemory
@@ -276,11 +276,11 @@ class Session:
         desc, avail, used = ring.addrs
         cfg = QueueConfig(ring.num or 1)
         cfg.size, cfg.desc, cfg.avail, cfg.used = ring.num, desc, avail, used
-        problem = cfg.problem()
-        if problem:
-            raise ProtocolError(problem)
         dev = self.device
-        vq = ring.vq = Virtqueue(self.mem, cfg, event_idx=dev.has(29), indirect=dev.has(28))
+        try:
+            vq = ring.vq = start_queue(self.mem, cfg, dev.acked)
+        except VirtqueueError as e:
+            raise ProtocolError(str(e)) from None
         vq.last_avail = ring.base
         vq.used_idx = ring.base
         idx = self.rings.index(ring)

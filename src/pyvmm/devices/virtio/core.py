@@ -16,7 +16,13 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from pyvmm.devices.virtio.queue import DescriptorChain, QueueConfig, Virtqueue, VirtqueueError
+from pyvmm.devices.virtio.queue import (
+    DescriptorChain,
+    QueueConfig,
+    Virtqueue,
+    VirtqueueError,
+    start_queue,
+)
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
@@ -186,18 +192,12 @@ class VirtioCore:
             self.needs_reset("no interrupt path")
             return
         vqs: list[Virtqueue | None] = []
-        ev = self.device.has(V.VIRTIO_RING_F_EVENT_IDX)
-        ind = self.device.has(V.VIRTIO_RING_F_INDIRECT_DESC)
         for i, q in enumerate(self.queues):
             if not q.ready:
                 vqs.append(None)
                 continue
-            problem = q.problem()
-            if problem:
-                self.needs_reset(f"queue {i}: {problem}")
-                return
             try:
-                vqs.append(Virtqueue(self.mem, q, event_idx=ev, indirect=ind))
+                vqs.append(start_queue(self.mem, q, self.device.acked))
             except VirtqueueError as e:
                 self.needs_reset(f"queue {i}: {e}")
                 return

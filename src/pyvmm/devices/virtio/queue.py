@@ -227,3 +227,14 @@ class Virtqueue:
                 return True
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not _u16.unpack_from(self.avail_view, 0)[0] & V.VRING_AVAIL_F_NO_INTERRUPT
+
+
+def start_queue(mem: GuestMemory, cfg: QueueConfig, acked: int) -> Virtqueue:
+    """A running queue from what a driver (or a vhost-user front end) programmed, with
+    the ring features the device acked — the one activation routine for the in-VMM
+    transports and the vhost-user back end. VirtqueueError says why it cannot run."""
+    problem = cfg.problem()
+    if problem:
+        raise VirtqueueError(problem)
+    return Virtqueue(mem, cfg, event_idx=bool(acked & (1 << V.VIRTIO_RING_F_EVENT_IDX)),
+                     indirect=bool(acked & (1 << V.VIRTIO_RING_F_INDIRECT_DESC)))
