@@ -9,6 +9,7 @@ Tests may pass a longer tuple of their own to ``MachineConfig`` and ``Machine``.
 
 from __future__ import annotations
 
+from pyvmm.devices.emulated.ide import controller as ide
 from pyvmm.devices.legacy import fw_cfg
 from pyvmm.devices.nvme import controller as nvme
 from pyvmm.devices.spec import DeviceSpec
@@ -21,6 +22,7 @@ DEVICES: tuple[DeviceSpec, ...] = (
     console.SPEC,
     rng.SPEC,
     fw_cfg.SPEC,
+    ide.SPEC,
 )
 
 

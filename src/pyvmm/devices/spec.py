@@ -17,6 +17,15 @@ Kinds:
   PCI windows, INTx on its slot's GSI.
 - ``ISA``: fixed resources, found by probing, not enumeration: ``create`` returns a bus
   device and the spec lists its port/MMIO ranges and GSI.
+
+A PCI function may have fixed legacy resources too (an IDE function in compatibility
+mode decodes 0x1F0 and drives IRQ 14 besides its BARs): the spec's ``isa`` ranges are
+then placed as well, with the function itself as their bus device, and ``gsi`` names
+its ISA lines.
+
+Several entries may make one device between them: ``ctx.shared(key, make)`` returns
+the host's one object for ``key`` (the IDE disks attach to one PIIX function). A
+device an earlier entry already returned is placed only once.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pyvmm.schema import option
 
@@ -34,6 +43,8 @@ if TYPE_CHECKING:
     from pyvmm.irq.line import InterruptLine
     from pyvmm.irq.msi import MsiSink
     from pyvmm.memory import GuestMemory
+
+T = TypeVar("T")
 
 
 class Kind(enum.StrEnum):
@@ -63,6 +74,7 @@ class IsaRange:
     space: str  # "pio" or "mmio"
     base: int
     size: int
+    name: str = ""  # the range's name in the exit table: "<device>.<name>" (or "<device>")
 
 
 class HostContext(Protocol):
@@ -75,8 +87,14 @@ class HostContext(Protocol):
     index: int  # how many devices of this type came before it
     msi: MsiSink
 
-    def line(self) -> InterruptLine:
-        """The interrupt line of an ISA device (its spec's ``gsi``)."""
+    def line(self, index: int = 0) -> InterruptLine:
+        """An ISA interrupt line of the device: its spec's ``gsi`` (the ``index``-th of
+        a tuple)."""
+        ...
+
+    def shared(self, key: str, make: Callable[[], T]) -> T:
+        """The host's one object for ``key``, made by ``make`` the first time: a
+        controller several config entries attach to."""
         ...
 
     def io_pool(self) -> IoPool:
@@ -108,7 +126,7 @@ class DeviceSpec:
     option: str | None = None  # a command-line shortcut (--disk, --net, --rng)
     select: tuple[str, str] | None = None  # (key, value): which device a shared option means
     positional: str | None = None  # the key a bare value sets (--disk IMG)
-    isa: tuple[IsaRange, ...] = ()  # ISA only: the fixed ranges
-    gsi: int | None = None  # ISA only: the interrupt line
+    isa: tuple[IsaRange, ...] = ()  # fixed ranges: an ISA device's, or a PCI function's
+    gsi: int | tuple[int, ...] | None = None  # fixed ISA interrupt line(s): ctx.line(i)
     exportable: bool = True  # can be served over vfio-user (PCI and virtio kinds)
     doc: str = ""  # docs/devices/<page>.md

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from pyvmm.acpi import tables as acpi_tables
 from pyvmm.backends.char import CharSpec, SerialIo
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from pyvmm.machine.vm import Machine
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class Pool(Generic[R]):
@@ -84,10 +85,18 @@ class BuildContext:
         self.index = index
         self.name = f"{spec.name}{index}"
 
-    def line(self) -> InterruptLine:
-        if self._spec.gsi is None:
-            raise ConfigError(f"{self._spec.name}: its spec names no GSI")
-        return self._b.m.irqchip.line(self._spec.gsi)
+    def line(self, index: int = 0) -> InterruptLine:
+        gsi = self._spec.gsi
+        gsis = (gsi,) if isinstance(gsi, int) else gsi or ()
+        if index >= len(gsis):
+            raise ConfigError(f"{self._spec.name}: its spec names no GSI {index}")
+        return self._b.m.irqchip.line(gsis[index])
+
+    def shared(self, key: str, make: Callable[[], T]) -> T:
+        objs = self._b.shared
+        if key not in objs:
+            objs[key] = make()
+        return cast(T, objs[key])
 
     def io_pool(self) -> IoPool:
         m = self._b.m
@@ -112,6 +121,7 @@ class Builder:
         self.pci_slots: Pool[int] = Pool("PCI slot", range(L.PCI_FIRST_FREE_SLOT, 32))
         self.mmio_slots: Pool[tuple[int, int]] = Pool("virtio-mmio slot",
                                                       L.virtio_mmio_slots())
+        self.shared: dict[str, object] = {}  # BuildContext.shared
 
     def build(self) -> None:
         m = self.m
@@ -206,6 +216,8 @@ class Builder:
             counts[spec.name] = index + 1
             ctx = BuildContext(self, spec, index)
             dev: Any = spec.create(cfg, ctx)
+            if any(dev is d for _, _, d in m.devices):
+                continue  # attached to what an earlier entry made and placed (ctx.shared)
             m.devices.append((ctx.name, spec, dev))
             if spec.kind is Kind.VIRTIO:
                 assert isinstance(dev, VirtioDevice)
@@ -227,15 +239,19 @@ class Builder:
                 assert isinstance(dev, PCIDevice)
                 self.pci_slots.take(ctx.name)
                 pci.append(dev)
+                self._fixed(spec, dev, dev.name)  # legacy ranges it decodes besides BARs
             else:  # ISA: fixed resources, found by probing
-                for r in spec.isa:
-                    bus = m.pio if r.space == "pio" else m.mmio
-                    try:
-                        bus.insert(dev, r.base, r.size, ctx.name)
-                    except Exception as e:
-                        raise ConfigError(f"{ctx.name}: {r.space} {r.base:#x}+{r.size:#x} "
-                                          f"is taken ({e})") from None
+                self._fixed(spec, dev, ctx.name)
         return pci
+
+    def _fixed(self, spec: DeviceSpec, dev: Any, name: str) -> None:
+        for r in spec.isa:
+            bus = self.m.pio if r.space == "pio" else self.m.mmio
+            try:
+                bus.insert(dev, r.base, r.size, f"{name}.{r.name}" if r.name else name)
+            except Exception as e:
+                raise ConfigError(f"{name}: {r.space} {r.base:#x}+{r.size:#x} "
+                                  f"is taken ({e})") from None
 
     # --- boot structures ----------------------------------------------------------------
     def _boot_info(self) -> None:

@@ -5,6 +5,7 @@ and what the device opened is closed with the session's device."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar, cast
 
 from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.pci.device import PCIDevice
@@ -15,6 +16,8 @@ from pyvmm.irq.line import InterruptLine
 from pyvmm.irq.msi import MsiSink, RecordingMsiSink
 from pyvmm.memory import GuestMemory
 
+T = TypeVar("T")
+
 
 class ExportContext:
     def __init__(self, spec: DeviceSpec, mem: GuestMemory, events: EventManager) -> None:
@@ -23,9 +26,15 @@ class ExportContext:
         self.name, self.index = f"{spec.name}0", 0
         self._closers: list[Callable[[], None]] = []
         self._pool: IoPool | None = None
+        self._shared: dict[str, object] = {}
 
-    def line(self) -> InterruptLine:
+    def line(self, index: int = 0) -> InterruptLine:
         raise ConfigError(f"{self.spec.name}: an ISA device cannot be exported")
+
+    def shared(self, key: str, make: Callable[[], T]) -> T:
+        if key not in self._shared:
+            self._shared[key] = make()
+        return cast(T, self._shared[key])
 
     def io_pool(self) -> IoPool:
         if self._pool is None:

@@ -1,0 +1,1 @@
+"""Full-emulation devices of real hardware that need no family package of their own."""

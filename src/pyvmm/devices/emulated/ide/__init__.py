@@ -1,0 +1,1 @@
+"""Legacy IDE/ATA: a PIIX3 IDE function with ATA disks (see controller.py)."""

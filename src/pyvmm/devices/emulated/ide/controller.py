@@ -1,0 +1,171 @@
+"""The PIIX3 IDE function (Intel 82371SB, function 1: vendor 8086 device 7010, class
+01 01 80) with its two channels in ISA compatibility mode: the legacy ports and IRQs
+that a driver finds by probing, not by enumeration — primary 0x1F0-0x1F7 + 0x3F6 on
+IRQ 14, secondary 0x170-0x177 + 0x376 on IRQ 15 — and bus-master DMA through BMIBA
+(BAR4, 16 bytes of I/O: 8 per channel).
+
+The legacy ports decode while PCI_COMMAND's I/O space enable and the channel's IDETIM
+decode-enable bit (bit 15) are both set, as on the chip; with no firmware in front of
+the guest, the VMM sets the two IDETIM bits (what a BIOS does at POST). Bus-master
+transfers need PCI_COMMAND's bus-master enable: a transfer started without it waits
+and runs when the guest sets it.
+
+Disks attach by position (channel, unit); every ``--disk ...,if=ide`` entry of a
+machine attaches to the one function (``HostContext.shared``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyvmm import __version__
+from pyvmm.backends.block import RawBlockBackend
+from pyvmm.devices.emulated.ide.busmaster import BusMaster
+from pyvmm.devices.emulated.ide.channel import IdeChannel
+from pyvmm.devices.emulated.ide.disk import AtaDisk
+from pyvmm.devices.pci.config_space import BarChange, PCIConfigSpace
+from pyvmm.devices.pci.device import PCIDevice
+from pyvmm.devices.spec import DeviceConfig, DeviceSpec, HostContext, IsaRange, Kind
+from pyvmm.errors import ConfigError
+from pyvmm.irq.line import InterruptLine
+from pyvmm.memory import GuestMemory
+from pyvmm.ratelimit_log import OnceLog
+from pyvmm.schema import option
+from pyvmm.uapi import ata as A
+from pyvmm.uapi import pci as P
+
+MODEL = "PYVMM HARDDISK"
+_LEGACY = ((A.ATA_PRIMARY_CMD, A.ATA_PRIMARY_CTL), (A.ATA_SECONDARY_CMD, A.ATA_SECONDARY_CTL))
+_IDETIM = (A.PIIX_IDETIM_PRI, A.PIIX_IDETIM_SEC)
+
+
+class PiixIde(PCIDevice):
+    name = "piix-ide"
+
+    def __init__(self, mem: GuestMemory, lines: tuple[InterruptLine, InterruptLine]) -> None:
+        super().__init__()
+        self.mem = mem
+        self.errors = OnceLog()
+        c = self.config = PCIConfigSpace(A.PCI_VENDOR_ID_INTEL,
+                                         A.PCI_DEVICE_ID_INTEL_82371SB_1, A.PIIX_IDE_CLASS)
+        c.add_bar(A.PIIX_BMIBA_BAR, A.PIIX_BM_SIZE, is_io=True)
+        # No INTx pin: in compatibility mode the channels use IRQ 14 and 15.
+        for reg in _IDETIM:
+            c.wmask[reg:reg + 2] = A.PIIX_IDETIM_WMASK.to_bytes(2, "little")
+        c.wmask[A.PIIX_SIDETIM] = 0xFF
+        self.channels = [IdeChannel(i, lines[i], BusMaster(mem, self._may_master, self.errors),
+                                    self.errors) for i in range(2)]
+        self._by_base = {base: (ch, block) for ch, bases in zip(self.channels, _LEGACY,
+                                                                strict=True)
+                         for block, base in enumerate(bases)}
+        self.reset()
+
+    def check_free(self, bus: int, unit: int) -> None:
+        if self.channels[bus].pos[unit].present:
+            raise ConfigError(f"ide: bus {bus} unit {unit} is given twice")
+
+    def attach(self, bus: int, unit: int, disk: AtaDisk) -> None:
+        self.check_free(bus, unit)
+        self.channels[bus].attach(unit, disk)
+
+    def reset(self) -> None:
+        for reg in _IDETIM:  # what firmware does at POST: decode the legacy ports
+            self.config.set16(reg, A.PIIX_IDETIM_IDE)
+        for ch in self.channels:
+            ch.reset()
+
+    def metrics(self) -> dict[str, object]:
+        return {"disks": {f"{ch.index}.{d.unit}": d.metrics()
+                          for ch in self.channels for d in ch.disks()},
+                "dma_transfers": sum(ch.bm.transfers for ch in self.channels),
+                "bus_master_errors": sum(ch.bm.errors_seen for ch in self.channels),
+                "errors": dict(self.errors.counts)}
+
+    def _may_master(self) -> bool:
+        return bool(self.config.command & P.PCI_COMMAND_MASTER)
+
+    def config_write(self, offset: int, size: int, value: int) -> list[BarChange]:
+        was = self._may_master()
+        changes = super().config_write(offset, size, value)
+        if self._may_master() and not was:
+            for ch in self.channels:  # a transfer started without bus mastering goes now
+                ch.bm.kick()
+        return changes
+
+    # --- BMIBA (BAR4) ------------------------------------------------------------------
+    def read_bar(self, index: int, offset: int, size: int) -> int:
+        if index != A.PIIX_BMIBA_BAR:
+            return super().read_bar(index, offset, size)
+        return self.channels[offset // 8].bm.read(offset % 8, min(size, 8 - offset % 8))
+
+    def write_bar(self, index: int, offset: int, size: int, value: int) -> None:
+        if index == A.PIIX_BMIBA_BAR:
+            self.channels[offset // 8].bm.write(offset % 8, min(size, 8 - offset % 8), value)
+
+    # --- the legacy ports (a bus device at the fixed ranges of the spec) ----------------
+    def _decodes(self, ch: IdeChannel) -> bool:
+        return bool(self.config.command & P.PCI_COMMAND_IO
+                    and self.config.get16(_IDETIM[ch.index]) & A.PIIX_IDETIM_IDE)
+
+    def read(self, base: int, offset: int, size: int) -> int:
+        ch, block = self._by_base[base]
+        if not self._decodes(ch):
+            return (1 << (8 * size)) - 1
+        return ch.read_cmd(offset, size) if block == 0 else ch.read_ctl(size)
+
+    def write(self, base: int, offset: int, size: int, value: int) -> None:
+        ch, block = self._by_base[base]
+        if not self._decodes(ch):
+            return
+        if block == 0:
+            ch.write_cmd(offset, size, value)
+        else:
+            ch.write_ctl(size, value)
+
+
+# --- registry entry ---------------------------------------------------------------------
+@dataclass(kw_only=True)
+class IdeConfig(DeviceConfig):
+    path: str = option(doc="raw disk image", metavar="IMG")
+    bus: int = option(0, "channel: 0 primary (ports 0x1f0/0x3f6, IRQ 14), 1 secondary "
+                      "(0x170/0x376, IRQ 15)")
+    unit: int = option(0, "position on the channel: 0 (device 0, master) or 1 (device 1, "
+                       "slave)")
+    readonly: bool = option(False, "a read-only image: write commands end with ABRT")
+    serial: str | None = option(None, "the IDENTIFY serial number (20 printable ASCII "
+                                "characters at most; default PYVMM-IDE-<bus><unit>)")
+
+    def check(self) -> None:
+        if self.bus not in (0, 1):
+            raise ValueError(f"bus {self.bus}: 0 (primary) or 1 (secondary)")
+        if self.unit not in (0, 1):
+            raise ValueError(f"unit {self.unit}: 0 or 1")
+        if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
+                                        or not self.serial.isprintable()):
+            raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")
+
+    def validate(self) -> None:
+        """Before the VM is built: the image opens as asked (one-line error if not)."""
+        RawBlockBackend(self.path, self.readonly).close()
+
+
+def create(cfg: IdeConfig, ctx: HostContext) -> PiixIde:
+    """Every IDE disk of a machine attaches to one PIIX function, made by the first."""
+    ctrl = ctx.shared("piix-ide", lambda: PiixIde(ctx.mem, (ctx.line(0), ctx.line(1))))
+    ctrl.check_free(cfg.bus, cfg.unit)  # before the image is opened (and locked)
+    be = RawBlockBackend(cfg.path, cfg.readonly)
+    ctx.on_close(be.close)
+    ctrl.attach(cfg.bus, cfg.unit, AtaDisk(
+        be, cfg.unit, serial=cfg.serial or f"PYVMM-IDE-{cfg.bus}{cfg.unit}", model=MODEL,
+        firmware=__version__, errors=ctrl.errors))
+    return ctrl
+
+
+SPEC = DeviceSpec("ide", IdeConfig, Kind.PCI, create,
+                  "IDE/ATA disk on a PIIX3 IDE function (legacy ports, bus-master DMA)",
+                  option="disk", select=("if", "ide"), positional="path",
+                  isa=(IsaRange("pio", A.ATA_PRIMARY_CMD, 8, "pri"),
+                       IsaRange("pio", A.ATA_PRIMARY_CTL, 1, "pri-ctl"),
+                       IsaRange("pio", A.ATA_SECONDARY_CMD, 8, "sec"),
+                       IsaRange("pio", A.ATA_SECONDARY_CTL, 1, "sec-ctl")),
+                  gsi=(A.ATA_PRIMARY_IRQ, A.ATA_SECONDARY_IRQ), exportable=False, doc="ide")
