@@ -147,7 +147,7 @@ class IdeChannel:
         to its signature and diagnostic code, device 0 is selected and interrupts."""
         for d in self.disks():
             d.counts["commands"] += 1
-            d.reset_done()
+            d.diagnose()
         self.dev = 0
         first = self.disks()[0]
         first.pending = True

@@ -127,15 +127,20 @@ class AtaDisk(TaskFile):
         self.status = A.ATA_BUSY
 
     def reset_done(self) -> None:
-        """SRST released (or power-on, or EXECUTE DEVICE DIAGNOSTIC): signature,
-        diagnostic code 01h, DRDY; the settings revert unless 66h said keep them."""
+        """SRST released (or power-on): the diagnostic's outputs, and the settings
+        revert to their power-on values unless SET FEATURES 66h said keep them."""
+        self.diagnose()
+        self.standby = False
+        if not self.keep_settings:
+            self.settings = Settings()
+
+    def diagnose(self) -> None:
+        """EXECUTE DEVICE DIAGNOSTIC (and the end of a reset): signature, diagnostic
+        code 01h (passed), DRDY. The settings stay: this is no reset."""
         self._stop()
         self.signature()
         self.error = A.ATA_DIAG_PASSED
         self.status = A.ATA_DRDY
-        self.standby = False
-        if not self.keep_settings:
-            self.settings = Settings()
 
     def _stop(self) -> None:
         self.xfer, self.dma = None, None
