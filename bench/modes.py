@@ -121,14 +121,20 @@ def main() -> int:
                     rows.setdefault((name, mode), []).append(
                         (p50, p99, (exits - exits0) / per, (cpu - cpu0) / per * 1e6))
     med = {k: [statistics.median(x[i] for x in v) for i in range(4)] for k, v in rows.items()}
+
+    def spread(k: tuple[str, str], i: int) -> str:
+        vals = [x[i] for x in rows[k]]
+        return f"{min(vals):.1f} / {statistics.median(vals):.1f} / {max(vals):.1f}"
+
     print(f"4k random read, QD1, {a.n} requests ({a.n_pio} by IDE PIO), {a.rounds} "
-          "interleaved rounds, medians (page-cache hits)")
-    print("| VMM | mode | device | p50 µs | p99 µs | exits/req | VMM CPU µs/req |")
+          "interleaved rounds, min / median / max over the rounds (page-cache hits)")
+    print("| VMM | mode | device | p50 µs | p99 µs (median) | exits/req | VMM CPU µs/req |")
     print("|---|---|---|---|---|---|---|")
-    for (name, mode), (p50, p99, ex, cpu) in sorted(med.items()):
+    for (name, mode), (_, p99, ex, _) in sorted(med.items()):
         kind = "paravirtual" if mode == "virtio-blk" else "full emulation"
-        exs, cpus = (f"{ex:.2f}", f"{cpu:.1f}") if name == "pyvmm" else ("n/a", "n/a")
-        print(f"| {name} | {kind} | {mode} | {p50:.1f} | {p99:.1f} | {exs} | {cpus} |")
+        k = (name, mode)
+        exs, cpus = (f"{ex:.2f}", spread(k, 3)) if name == "pyvmm" else ("n/a", "n/a")
+        print(f"| {name} | {kind} | {mode} | {spread(k, 0)} | {p99:.1f} | {exs} | {cpus} |")
     for mode in MODES:
         if ("QEMU", mode) in med and ("pyvmm", mode) in med:
             print(f"pyvmm/QEMU latency, {mode}: "
