@@ -129,7 +129,7 @@ def pit(data: bytes) -> None:
 
 
 def rtc(data: bytes) -> None:
-    register_ops(Rtc(irq=lambda: None, memory_bytes=RAM, now_ns=lambda: 10**18), data,
+    register_ops(Rtc(irq=RecordingLine(), memory_bytes=RAM, now_ns=lambda: 10**18), data,
                  [(0x70, 2)], (1,))
 
 

@@ -189,7 +189,7 @@ class Builder:
             m.pit = pit
         else:
             m.vm.create_pit2(K.KVM_PIT_SPEAKER_DUMMY)
-        m.rtc = Rtc(irq=chip.line(L.RTC_GSI).pulse, memory_bytes=m.cfg.memory)
+        m.rtc = Rtc(irq=chip.line(L.RTC_GSI), memory_bytes=m.cfg.memory)
         m.rtc.timer = self._timer(lock, m.rtc.on_timer)
         pio.insert(Locked(m.rtc, lock), L.RTC_BASE, 2, "rtc")
 

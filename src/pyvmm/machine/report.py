@@ -71,8 +71,11 @@ def irqchip_report(m: Machine) -> dict[str, Any]:
                    ioapic_eois=chip.eois, pic_spurious=chip.pic.spurious)
     if m.pit is not None:
         rep.update(pit_ticks=m.pit.ticks, pit_missed=m.pit.missed, pit_due=m.pit.due.due())
-    rep.update(rtc_periodic=m.rtc.periodic_interrupts, rtc_missed=m.rtc.periodic_missed,
-               rtc_due=m.rtc.periodic_due.due())
+    r = m.rtc
+    rep.update(rtc_periodic=r.periodic_interrupts, rtc_missed=r.periodic_missed,
+               rtc_due=r.periodic_due.due(), rtc_periods=r.periodic_periods,
+               rtc_reinjected=r.periodic_reinjected, rtc_backlog=r.backlog,
+               rtc_forgiven=r.periodic_forgiven, rtc_dropped=r.periodic_dropped)
     return rep
 
 
