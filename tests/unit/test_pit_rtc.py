@@ -219,3 +219,31 @@ def test_rtc_turning_pie_off_forgives_what_is_owed_and_the_backlog_is_bounded() 
     assert r.periodic_reinjected == 0
     assert r.periodic_periods == (r.periodic_interrupts + r.backlog + r.periodic_forgiven
                                   + r.periodic_dropped)
+
+
+def test_pit_reinjects_coalesced_periods_one_per_8259_acknowledgement() -> None:
+    raised: list[int] = []
+    acks = [True]
+    p = Pit(irq0=lambda: raised.append(1), timer=FakeTimer(), clock=Clock(),
+            acks_irq0=lambda: acks[0])
+    p.on_timer(4)  # three periods late
+    assert len(raised) == 1 and p.backlog == 3
+    p.on_timer(1)  # not acknowledged yet: owed
+    assert len(raised) == 1 and p.backlog == 4
+    for _ in range(4):
+        p.acked()
+    assert len(raised) == 5 and p.backlog == 0 and p.reinjected == 4
+    p.acked()  # nothing owed: nothing raised
+    assert len(raised) == 5 and p.periods == 5
+    acks[0] = False  # the IOAPIC route: no acknowledgement to wait for
+    p.on_timer(3)
+    assert len(raised) == 6 and p.backlog == 0 and p.missed == 3 + 2
+    assert p.periods == p.ticks + p.backlog + p.forgiven + p.dropped + 2  # 2 coalesced
+
+
+def test_pit_reprogramming_forgives_what_is_owed() -> None:
+    p = Pit(irq0=lambda: None, timer=FakeTimer(), clock=Clock(), acks_irq0=lambda: True)
+    p.on_timer(10)
+    assert p.backlog == 9
+    p.write(0x40, 3, 1, 0x34)  # channel 0, new mode: the counter stops
+    assert p.backlog == 0 and p.forgiven == 9

@@ -182,7 +182,8 @@ class Builder:
             pio.insert(Locked(chip.pic.slave, lock), L.PIC_SLAVE, 2, "pic-slave")
             pio.insert(Locked(Elcr(chip.pic), lock), L.ELCR, 2, "elcr")
             m.mmio.insert(Locked(chip.ioapic, lock), L.IOAPIC_BASE, IOAPIC_SIZE, "ioapic")
-            pit = Pit(irq0=chip.line(0).pulse)
+            pit = Pit(irq0=chip.line(0).pulse, acks_irq0=lambda: chip.pic.unmasked(0))
+            chip.pic.on_ack[0] = pit.acked
             pit.timer = self._timer(lock, pit.on_timer)
             pio.insert(Locked(pit, lock), L.PIT_BASE, 4, "pit")
             pio.insert(Locked(Port61(pit), lock), L.PORT61, 1, "port61")

@@ -70,7 +70,10 @@ def irqchip_report(m: Machine) -> dict[str, Any]:
         rep.update(pic_injected=chip.injected, ioapic_delivered=chip.ioapic.delivered,
                    ioapic_eois=chip.eois, pic_spurious=chip.pic.spurious)
     if m.pit is not None:
-        rep.update(pit_ticks=m.pit.ticks, pit_missed=m.pit.missed, pit_due=m.pit.due.due())
+        pit = m.pit
+        rep.update(pit_ticks=pit.ticks, pit_missed=pit.missed, pit_due=pit.due.due(),
+                   pit_periods=pit.periods, pit_reinjected=pit.reinjected,
+                   pit_backlog=pit.backlog, pit_forgiven=pit.forgiven, pit_dropped=pit.dropped)
     r = m.rtc
     rep.update(rtc_periodic=r.periodic_interrupts, rtc_missed=r.periodic_missed,
                rtc_due=r.periodic_due.due(), rtc_periods=r.periodic_periods,
