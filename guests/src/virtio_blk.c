@@ -5,28 +5,9 @@
 #include "virtio.h"
 
 #define VIRTIO_BLK_F_FLUSH 9
-struct blk_hdr { u32 type, reserved; u64 sector; };
-static struct blk_hdr hdr;
-static u8 status;
 static u8 buf[8 * 512] __attribute__((aligned(512)));
 static u8 out[8 * 512] __attribute__((aligned(512)));
 
-static int blk_io(struct vq *q, u32 type, u64 sector, void *data, u32 len)
-{
-    hdr.type = type;
-    hdr.sector = sector;
-    status = 0xff;
-    struct vbuf b[3] = { { &hdr, 16, 0 }, { data, len, type != 1 }, { &status, 1, 1 } };
-    if (len) {
-        vq_submit(q, b, 3);
-    } else {
-        b[1] = b[2];
-        vq_submit(q, b, 2);
-    }
-    if (vq_wait(q, 4000000000ul) < 0)
-        fail("no completion for request type %u", type);
-    return status;
-}
 
 int main(void)
 {
@@ -60,22 +41,22 @@ int main(void)
     u64 cap = *(volatile u32 *)devcfg | ((u64)*(volatile u32 *)(devcfg + 4) << 32);
     printf("capacity=%lu sectors features=%lx\n", cap, v.features);
 
-    if (blk_io(&q, 0, 0, buf, 512)) fail("read sector 0");
+    if (virtio_blk_io(&q, 0, 0, buf, 512)) fail("read sector 0");
     u32 sum = 0;
     for (int i = 0; i < 512; i++) sum = sum * 31 + buf[i];
     printf("sector0 sum=%x\n", sum);
 
     u32 seed = (u32)arg_u64("seed", 1);
     for (int i = 0; i < 8 * 512; i++) out[i] = (u8)((i * 131 + seed * 7) >> 2);
-    if (blk_io(&q, 1, 8, out, sizeof out)) fail("write");
-    if (blk_io(&q, 4, 0, 0, 0)) fail("flush");
+    if (virtio_blk_io(&q, 1, 8, out, sizeof out)) fail("write");
+    if (virtio_blk_io(&q, 4, 0, 0, 0)) fail("flush");
     memset(buf, 0, sizeof buf);
-    if (blk_io(&q, 0, 8, buf, sizeof buf)) fail("read back");
+    if (virtio_blk_io(&q, 0, 8, buf, sizeof buf)) fail("read back");
     if (memcmp(buf, out, sizeof out)) fail("read back differs");
     printf("ok write/flush/read-back\n");
-    if (blk_io(&q, 8, 0, buf, 20)) fail("get id");
+    if (virtio_blk_io(&q, 8, 0, buf, 20)) fail("get id");
     printf("id=%s\n", (char *)buf);
-    if (blk_io(&q, 0, cap, buf, 512) != 1) fail("read past the end did not fail");
+    if (virtio_blk_io(&q, 0, cap, buf, 512) != 1) fail("read past the end did not fail");
     printf("ok read past the end -> IOERR\n");
     if (!arg_u64("mmio", 0) && (virtio_status(&v) & 0x40)) fail("device needs reset");
     return 0;
