@@ -568,6 +568,7 @@ class VhostUserFrontend(VirtioDevice):
         with self.core_lock:
             self._drop()
             self._close_inflight()
+            self.mem, self.queues, self.irq = None, [], None  # no views into guest RAM
 
     @property
     def connected(self) -> bool:
