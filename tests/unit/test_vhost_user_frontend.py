@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import os
 import socket
 import struct
@@ -66,8 +67,14 @@ class Hangup(bytes):
 Reply = Callable[[int, int, bytes], bytes | None]  # (request, flags, payload) -> raw or None
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> dict[int, str]:
+    """This process's fds and what they are (collected garbage first)."""
+    gc.collect()
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return out
 
 
 def raw_reply(req: int, payload: bytes, flags: int = VHOST_USER_VERSION | VHOST_USER_REPLY_MASK
@@ -182,8 +189,9 @@ class Rig:
         self.dev: VhostUserFrontend | None = None
 
     def make(self, model: Any = BLK, **kw: Any) -> VhostUserFrontend:
+        kw.setdefault("path", "fake.sock")
         self.dev = VhostUserFrontend(Channel(self.chan_sock, TIMEOUT), model, name="vu0",
-                                     events=self.events, path="fake.sock", **kw)
+                                     events=self.events, **kw)
         return self.dev
 
     def close(self) -> None:
@@ -209,7 +217,9 @@ def rig_factory() -> Iterator[Callable[..., Rig]]:
     yield make
     for r in rigs:
         r.close()
-    assert open_fds() == before, "an fd leaked"
+    after = open_fds()
+    leaked = {fd: what for fd, what in after.items() if before.get(fd) != what}
+    assert not leaked, f"fds left open: {leaked}"
 
 
 # --- creation -------------------------------------------------------------------------------
@@ -461,6 +471,101 @@ def test_fallback_interrupt_is_forwarded_from_the_event_loop(rig_factory: Callab
     for _ in range(5):
         rig.events.run_once(0.02)
     assert drv.irq.queue == 1 and dev.metrics()["interrupt_forwards"] == 1
+
+
+# --- reconnecting ---------------------------------------------------------------------------
+def pump_until(rig: Rig, cond: Callable[[], bool], limit: float = 5) -> None:
+    deadline = time.monotonic() + limit
+    while not cond() and time.monotonic() < deadline:
+        rig.events.run_once(0.02)
+
+
+def test_reconnect_gives_up_after_its_time(rig_factory: Callable[..., Rig], tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    rig = rig_factory()
+    dev = rig.make(path=str(tmp_path / "gone.sock"), reconnect=0.5)
+    drv = VirtioDriver(dev, rig.mem)
+    rig.fake.sock.shutdown(socket.SHUT_RDWR)
+    pump_until(rig, lambda: not dev.connected)
+    assert not drv.needs_reset  # the rings are kept while a successor is awaited
+    t0 = time.monotonic()
+    pump_until(rig, lambda: drv.needs_reset)
+    assert drv.needs_reset and 0.3 < time.monotonic() - t0 < 2
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("reconnecting for up to 0.5 s" in m for m in msgs) == 1
+    assert sum("did not come back within 0.5 s" in m for m in msgs) == 1
+    assert dev._rings == [None] and drv.core.bugs == 0
+
+
+def test_reconnect_refuses_a_successor_that_offers_something_else(
+        rig_factory: Callable[..., Rig], tmp_path: Path) -> None:
+    rig = rig_factory()
+    path = tmp_path / "b.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(4)
+    successors: list[FakeBackend] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            successors.append(FakeBackend(conn, features=FEATURES & ~(1 << 9)))  # no FLUSH
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        dev = rig.make(path=str(path), reconnect=0.6)
+        drv = VirtioDriver(dev, rig.mem)
+        rig.fake.sock.shutdown(socket.SHUT_RDWR)
+        pump_until(rig, lambda: drv.needs_reset)
+        assert drv.needs_reset and successors  # it was asked, and refused
+        assert all(R.SET_MEM_TABLE not in f.requests() for f in successors)
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        t.join(5)
+        for f in successors:
+            f.close()
+
+
+def test_reconnect_resumes_the_rings_from_the_used_index(rig_factory: Callable[..., Rig],
+                                                         tmp_path: Path) -> None:
+    rig = rig_factory()
+    path = tmp_path / "b.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(10)
+    got: list[FakeBackend] = []
+    t = threading.Thread(target=lambda: got.append(FakeBackend(listener.accept()[0])),
+                         daemon=True)  # the successor answers from its own thread
+    try:
+        dev = rig.make(path=str(path), reconnect=5)
+        drv = VirtioDriver(dev, rig.mem)
+        q = drv.queues[0]
+        rig.mem.write(q.used + 2, struct.pack("<H", 7))  # the old backend had used 7
+        t.start()
+        rig.fake.sock.shutdown(socket.SHUT_RDWR)
+        succ: FakeBackend | None = None
+        try:
+            pump_until(rig, lambda: dev.metrics()["reconnects"] == 1)
+            t.join(5)
+            succ = got[0]
+            assert dev.connected and not drv.needs_reset and drv.core.active
+            reqs = succ.requests()
+            assert R.SET_INFLIGHT_FD in reqs and R.GET_INFLIGHT_FD not in reqs[5:]
+            assert succ.payloads(R.SET_VRING_BASE) == [struct.pack("<II", 0, 7)]
+            drv.kick(0)  # a kick the VMM sees still reaches the successor's eventfd
+            assert dev.metrics()["kick_forwards"] == 1
+        finally:
+            dev.close()
+            if succ is not None:
+                succ.close()
+    finally:
+        listener.close()
 
 
 # --- the transport hooks --------------------------------------------------------------------

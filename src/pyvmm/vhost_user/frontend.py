@@ -31,6 +31,13 @@ vCPU thread, which a silent backend must not hold. Any violation, a timeout, or 
 socket's EOF/HUP (watched on the event loop) drops the connection and puts the
 device in DEVICE_NEEDS_RESET, logged once; the VM goes on. Nothing raises out of the
 device into the transport.
+
+With ``reconnect`` (seconds) a backend that went away is awaited instead: the event
+loop reconnects with a doubling back-off (50 ms to 1 s), a successor must offer the
+same features, queues and config, and running rings are handed to it again — the
+same kick and call fds, SET_VRING_BASE from the used index in guest memory, and the
+predecessor's inflight region, from which the backend serves what was taken and not
+completed. Past the deadline the device needs a reset as above.
 """
 
 from __future__ import annotations
@@ -254,54 +261,61 @@ class VhostUserFrontend(VirtioDevice):
 
     def __init__(self, chan: Channel, model: Model, *, name: str, events: EventManager,
                  path: str = "", queue_size: int = 256, fast_path: bool = True,
-                 mac: bytes | None = None) -> None:
+                 mac: bytes | None = None, reconnect: float = 0.0) -> None:
         super().__init__()
         self.model, self.name, self.events, self.path = model, name, events, path
-        self.fast_path = fast_path
+        self.fast_path, self.queue_size, self.mac = fast_path, queue_size, mac
+        self.reconnect = reconnect if path else 0.0  # seconds to keep trying; 0: never
+        self.timeout = chan.timeout
         self.device_type = model.device_type
         self.errors = OnceLog()
         self._chan: Channel | None = chan
         self._conn = 0  # connection generation: callbacks of an old socket do nothing
         self._gen = 0  # activation generation: callbacks of old rings do nothing
         self._rings: list[_Ring | None] = []
-        self._inflight: int | None = None
+        self._inflight: tuple[int, int, int] | None = None  # fd, size, offset
         self._activated = False
+        self._retry: tuple[float, float] | None = None  # (give up at, next delay)
         self.kick_forwards = 0
         self.interrupt_forwards = 0
         self.fast_kicks = 0
         self.fast_interrupts = 0
         self.backend_errors = 0
         self.activations = 0
+        self.reconnects = 0
         try:
-            self._handshake(chan, queue_size, mac)
+            hs = self._handshake(chan)
         except BaseException:
             chan.close()
             self._chan = None
             raise
+        (self.backend_features, self.protocol, self.features, self._config,
+         self.queue_max_sizes) = hs
+        self._rings = [None] * len(self.queue_max_sizes)
         self._watch(chan)
 
     # --- creation ------------------------------------------------------------------------
-    def _handshake(self, ch: Channel, queue_size: int, mac: bytes | None) -> None:
+    def _handshake(self, ch: Channel) -> tuple[int, int, int, bytes, tuple[int, ...]]:
+        """(backend features, protocol features, guest-visible features, config space,
+        queue sizes) as this backend offers them."""
         m = self.model
         features = ch.get_u64(Request.GET_FEATURES)
         if not features & (1 << V.VIRTIO_F_VERSION_1):
             raise BackendError(f"offers features {features:#x} without VIRTIO_F_VERSION_1")
-        self.backend_features = features
-        self.protocol = 0
+        protocol = 0
         if features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-            offered = ch.get_u64(Request.GET_PROTOCOL_FEATURES)
-            self.protocol = offered & WANTED_PROTOCOL
-            ch.send(Request.SET_PROTOCOL_FEATURES, _u64.pack(self.protocol))
+            protocol = ch.get_u64(Request.GET_PROTOCOL_FEATURES) & WANTED_PROTOCOL
+            ch.send(Request.SET_PROTOCOL_FEATURES, _u64.pack(protocol))
         queues = 1
-        if self._has(ProtocolFeature.MQ):
+        if protocol & (1 << ProtocolFeature.MQ):
             queues = ch.get_u64(Request.GET_QUEUE_NUM)
             if not 1 <= queues <= MAX_QUEUE_NUM:
                 raise BackendError(f"says it has {queues} queues")
         if m.device_type == V.VIRTIO_ID_NET:
             queues = 2  # one rx/tx pair (GET_QUEUE_NUM counts pairs for net)
-        self.features = (features & (TRANSPORT_FEATURES | m.device_features)) | m.own_features
+        visible = (features & (TRANSPORT_FEATURES | m.device_features)) | m.own_features
         if m.config_size:
-            if not self._has(ProtocolFeature.CONFIG):
+            if not protocol & (1 << ProtocolFeature.CONFIG):
                 raise BackendError("does not offer VHOST_USER_PROTOCOL_F_CONFIG (the "
                                    "device's configuration space is the backend's)")
             ch.send(Request.GET_CONFIG, struct.pack("<III", 0, m.config_size, 0)
@@ -312,9 +326,10 @@ class VhostUserFrontend(VirtioDevice):
                 raise BackendError(f"answered GET_CONFIG with offset {offset} size {size}")
             config = bytearray(raw[12:])
         else:
-            config = bytearray((mac or bytes(6)) + struct.pack("<HH", V.VIRTIO_NET_S_LINK_UP, 1))
+            config = bytearray((self.mac or bytes(6))
+                               + struct.pack("<HH", V.VIRTIO_NET_S_LINK_UP, 1))
         if m.device_type == V.VIRTIO_ID_BLOCK:
-            if self.features & (1 << VIRTIO_BLK_F_MQ):
+            if visible & (1 << VIRTIO_BLK_F_MQ):
                 said = int.from_bytes(config[VIRTIO_BLK_CONFIG_NUM_QUEUES:][:2], "little")
                 if said == 0:
                     raise BackendError("offers VIRTIO_BLK_F_MQ with num_queues 0")
@@ -323,12 +338,10 @@ class VhostUserFrontend(VirtioDevice):
                     queues.to_bytes(2, "little"))
             else:
                 queues = 1
-        self._config = bytes(config)
-        self.queue_size = queue_size
-        self.queue_max_sizes = (queue_size,) * min(queues, m.max_queues)
-        self._rings = [None] * len(self.queue_max_sizes)
-        if not self._has(ProtocolFeature.REPLY_ACK):
+        if not protocol & (1 << ProtocolFeature.REPLY_ACK):
             ch.get_u64(Request.GET_FEATURES)  # a round trip: SET_PROTOCOL_FEATURES arrived
+        return (features, protocol, visible, bytes(config),
+                (self.queue_size,) * min(queues, m.max_queues))
 
     def _has(self, f: ProtocolFeature) -> bool:
         return bool(self.protocol & (1 << f))
@@ -356,19 +369,93 @@ class VhostUserFrontend(VirtioDevice):
                 why = "closed the connection" if not data else "sent a message unasked"
             self._lost(BackendError(why))
 
-    def _lost(self, e: BackendError) -> None:
-        """The backend is unusable: drop it; the device needs a reset (logged once by
-        the core). Called with ``core_lock`` held."""
-        self.backend_errors += 1
-        self._drop()
-        self.fail(0, BackendError(f"vhost-user backend {self.path or self.name}: {e}"))
+    def _where(self) -> str:
+        return f"vhost-user backend {self.path or self.name}"
 
-    def _drop(self) -> None:
+    def _lost(self, e: BackendError) -> None:
+        """The backend is unusable (seen on the event loop). Without ``reconnect`` the
+        device needs a reset (logged once by the core); with it, the rings stay as they
+        are while a successor is awaited. Called with ``core_lock`` held."""
+        self.backend_errors += 1
+        self._disconnect()
+        if self.reconnect > 0:
+            self.errors.warn("lost", f"{self.name}: {self._where()}: {e}; reconnecting "
+                             f"for up to {self.reconnect:g} s")
+            self._start_retrying()
+            return
         self._teardown_rings()
+        self.fail(0, BackendError(f"{self._where()}: {e}"))
+
+    def _disconnect(self) -> None:
         ch, self._chan = self._chan, None
         if ch is not None:
             self.events.remove(ch.fileno())
             ch.close()
+
+    def _drop(self) -> None:
+        """Give up on the backend and on the rings it had."""
+        self._teardown_rings()
+        self._disconnect()
+        if self.reconnect > 0:
+            self._start_retrying()  # so the driver's next reset finds a successor
+
+    # --- reconnecting (``reconnect`` > 0) ------------------------------------------------
+    def _start_retrying(self) -> None:
+        if self._retry is None:
+            self._retry = (time.monotonic() + self.reconnect, 0.05)
+            self.events.call_later(0.05, functools.partial(self._try_reconnect, self._conn))
+
+    def _try_reconnect(self, conn: int) -> None:
+        """One attempt (event loop); on failure the next after twice the wait (at most
+        1 s), until ``reconnect`` seconds have passed. A successor must offer what the
+        guest was given; running rings are resumed from the used index in guest memory
+        and the inflight region kept from the predecessor, which the backend serves
+        again first."""
+        with self.core_lock:
+            if self._chan is not None or conn != self._conn or self._retry is None:
+                return
+            give_up, delay = self._retry
+            try:
+                ch = Channel(connect_socket(self.path, self.timeout), self.timeout)
+            except ConfigError as e:
+                self._retry_later(give_up, delay, str(e))
+                return
+            try:
+                got = self._handshake(ch)
+                want = (self.backend_features, self.protocol, self.features, self._config,
+                        self.queue_max_sizes)
+                if got != want:
+                    raise BackendError("came back offering other features, queues or "
+                                       "configuration than the guest was given")
+                self._chan = ch
+                if self._activated:
+                    assert self.mem is not None and self.irq is not None
+                    self._start(self.mem, self.queues, self.irq, resume=True)
+            except (BackendError, OSError) as e:
+                if self._chan is None:
+                    ch.close()
+                self._disconnect()
+                self._retry_later(give_up, delay, str(e))
+                return
+            self._retry = None
+            self.reconnects += 1
+            self._watch(ch)
+            what = "its rings resumed" if self._activated else "connected"
+            self.errors.warn("reconnected", f"{self.name}: {self._where()} is back, {what}")
+
+    def _retry_later(self, give_up: float, delay: float, why: str) -> None:
+        if time.monotonic() + delay > give_up:
+            self._retry = None
+            self._teardown_rings()
+            e = BackendError(f"{self._where()} did not come back within "
+                             f"{self.reconnect:g} s ({why})")
+            if self._activated:
+                self.fail(0, e)  # the running device needs a reset
+            else:
+                self.errors.warn("gone", f"{self.name}: {e}")
+            return
+        self._retry = (give_up, min(2 * delay, 1.0))
+        self.events.call_later(delay, functools.partial(self._try_reconnect, self._conn))
 
     def _set(self, req: Request, payload: bytes = b"", fds: list[int] | None = None) -> None:
         """A request with no answer of its own: with REPLY_ACK, wait for its status."""
@@ -398,21 +485,23 @@ class VhostUserFrontend(VirtioDevice):
         self.activations += 1
         try:
             if self._chan is None:
-                raise BackendError("the backend is gone (reset the device after it is "
-                                   "back; reconnecting is not implemented)")
+                raise BackendError("the backend is gone" + (
+                    " (reconnecting)" if self._retry is not None else ""))
             self._start(mem, queues, irq)
         except BackendError as e:
             if self._chan is not None:
                 self.backend_errors += 1
-                self._drop()
-            raise BackendError(f"vhost-user backend {self.path or self.name}: {e}"
-                               ) from None
+            self._drop()
+            raise BackendError(f"{self._where()}: {e}") from None
         except OSError as e:  # our own eventfds (EMFILE): the same outcome, said as such
             self._drop()
             raise BackendError(f"{self.name}: cannot set up the rings: {e}") from None
 
     def _start(self, mem: GuestMemory, queues: list[Virtqueue | None],
-               irq: VirtioInterrupt) -> None:
+               irq: VirtioInterrupt, resume: bool = False) -> None:
+        """The activation messages. ``resume``: the same rings, to a successor backend,
+        each from the used index the guest's memory shows (its predecessor's inflight
+        region says what was taken and not used)."""
         self._activated = True
         pf = self.backend_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES)
         self._set(Request.SET_OWNER)
@@ -424,35 +513,49 @@ class VhostUserFrontend(VirtioDevice):
             struct.pack("<QQQQ", r.guest_addr, r.size, r.host_addr, 0) for r in regions)
         self._set(Request.SET_MEM_TABLE, table, [r.fd for r in regions])
         if self._has(ProtocolFeature.INFLIGHT_SHMFD):
-            self._set_inflight()
+            if resume and self._inflight is not None:
+                fd, size, offset = self._inflight
+                self._set(Request.SET_INFLIGHT_FD, INFLIGHT.pack(
+                    size, offset, len(self._rings), self.queue_size), [fd])
+            else:
+                self._set_inflight()
         direct = irq if self.fast_path and isinstance(irq, QueueEventfds) else None
-        self.fast_kicks = self.fast_interrupts = 0
+        if not resume:
+            self.fast_kicks = self.fast_interrupts = 0
         started = []
         for i, vq in enumerate(queues):
             if vq is None:
                 continue
+            old = self._rings[i]
+            if resume and old is None:
+                continue  # a ring the predecessor never had
             self._set(Request.SET_VRING_NUM, _state.pack(i, vq.size))
-            self._set(Request.SET_VRING_BASE, _state.pack(i, 0))
+            self._set(Request.SET_VRING_BASE, _state.pack(
+                i, vq.ring_used_idx() if resume else 0))
             self._set(Request.SET_VRING_ADDR, struct.pack(
                 "<IIQQQQ", i, 0, self._uaddr(vq.desc), self._uaddr(vq.used),
                 self._uaddr(vq.avail), 0))
-            kick = direct.notify_fd(i) if direct is not None else None
-            ring = self._rings[i] = _Ring(
-                kick if kick is not None else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
-                None, kick is not None)
-            irqfd = direct.interrupt_fd(i) if direct is not None else None
+            if old is not None and resume:
+                ring = old
+            else:
+                kick = direct.notify_fd(i) if direct is not None else None
+                ring = self._rings[i] = _Ring(
+                    kick if kick is not None else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+                    None, kick is not None)
+            irqfd = direct.interrupt_fd(i) if direct is not None and ring.call is None else None
             if irqfd is not None:
                 try:
                     self._set(Request.SET_VRING_CALL, _u64.pack(i), [irqfd])
                 finally:
                     os.close(irqfd)  # the backend has its own; the VMM never writes it
-                self.fast_interrupts += 1
+                self.fast_interrupts += not resume
             else:
-                ring.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                if ring.call is None:
+                    ring.call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                    self.events.add(ring.call, functools.partial(self._on_call, i, self._gen))
                 self._set(Request.SET_VRING_CALL, _u64.pack(i), [ring.call])
-                self.events.add(ring.call, functools.partial(self._on_call, i, self._gen))
             self._set(Request.SET_VRING_KICK, _u64.pack(i), [ring.kick])
-            self.fast_kicks += ring.fast_kick
+            self.fast_kicks += ring.fast_kick and not resume
             started.append(i)
         if pf:
             for i in started:
@@ -474,7 +577,7 @@ class VhostUserFrontend(VirtioDevice):
 
     def _set_inflight(self) -> None:
         """GET_INFLIGHT_FD, then SET_INFLIGHT_FD with what came back (the region a
-        restarted backend would recover from; kept until the device is reset)."""
+        successor backend recovers from; kept until the device is reset)."""
         ch = self._chan
         assert ch is not None
         nq, qs = len(self._rings), self.queue_size
@@ -493,11 +596,11 @@ class VhostUserFrontend(VirtioDevice):
             os.close(fd)
             raise
         self._close_inflight()
-        self._inflight = fd
+        self._inflight = (fd, size, offset)
 
     def _close_inflight(self) -> None:
         if self._inflight is not None:
-            os.close(self._inflight)
+            os.close(self._inflight[0])
             self._inflight = None
 
     def _teardown_rings(self) -> None:
@@ -526,9 +629,10 @@ class VhostUserFrontend(VirtioDevice):
                 self.irq.signal_queue(vq)
 
     def process_queue(self, index: int) -> None:
-        """A kick the VMM saw (no ioeventfd handed over, or one that exited): pass it on."""
+        """A kick the VMM saw (no ioeventfd handed over, or one that exited): pass it on
+        (while reconnecting too: the successor finds it pending)."""
         ring = self._rings[index] if index < len(self._rings) else None
-        if ring is None or self._chan is None:
+        if ring is None:
             return
         os.eventfd_write(ring.kick, 1)
         self.kick_forwards += 1
@@ -545,8 +649,7 @@ class VhostUserFrontend(VirtioDevice):
                           else Request.RESET_OWNER)
             except BackendError as e:
                 self.backend_errors += 1
-                self.errors.warn("reset", f"{self.name}: vhost-user backend "
-                                 f"{self.path or self.name}: {e}; dropped")
+                self.errors.warn("reset", f"{self.name}: {self._where()}: {e}; dropped")
                 self._drop()
         self._activated = False
         self._gen += 1
@@ -566,6 +669,8 @@ class VhostUserFrontend(VirtioDevice):
     def close(self) -> None:
         """The VM is going away (after its vCPU stopped)."""
         with self.core_lock:
+            self.reconnect = 0.0
+            self._retry = None
             self._drop()
             self._close_inflight()
             self.mem, self.queues, self.irq = None, [], None  # no views into guest RAM
@@ -580,6 +685,7 @@ class VhostUserFrontend(VirtioDevice):
                 "interrupt_forwards": self.interrupt_forwards,
                 "fast_kicks": self.fast_kicks, "fast_interrupts": self.fast_interrupts,
                 "activations": self.activations, "backend_errors": self.backend_errors,
+                "reconnects": self.reconnects,
                 "backend_messages": 0 if ch is None else ch.messages,
                 "connected": int(ch is not None)}
 
@@ -595,6 +701,8 @@ class VhostUserConfig(VirtioConfig):
                              "the backend accepts)")
     timeout: float = option(DEFAULT_TIMEOUT, "seconds to wait for the backend's answer to "
                             "each message (connecting included)")
+    reconnect: float = option(0.0, "seconds to keep reconnecting to a backend that went "
+                              "away, resuming its rings (0: the device needs a reset)")
 
     def check(self) -> None:
         qs = self.queue_size
@@ -603,6 +711,8 @@ class VhostUserConfig(VirtioConfig):
                              f"{V.VIRTQUEUE_MAX_SIZE}")
         if not 0 < self.timeout <= 600:
             raise ValueError("timeout must be between 0 and 600 seconds")
+        if not 0 <= self.reconnect <= 86400:
+            raise ValueError("reconnect must be between 0 and 86400 seconds")
 
     def validate(self) -> None:
         """Before the VM is built: a socket is there (connecting comes at build)."""
@@ -649,7 +759,8 @@ def open_frontend(cfg: VhostUserConfig, model: Model, ctx: HostContext,
     try:
         dev = VhostUserFrontend(Channel(sock, cfg.timeout), model, name=ctx.name,
                                 events=ctx.events, path=cfg.socket,
-                                queue_size=cfg.queue_size, fast_path=cfg.fast_path, mac=mac)
+                                queue_size=cfg.queue_size, fast_path=cfg.fast_path, mac=mac,
+                                reconnect=cfg.reconnect)
     except BackendError as e:
         raise ConfigError(f"{ctx.name}: vhost-user backend {cfg.socket!r}: {e}") from None
     ctx.on_close(dev.close)
