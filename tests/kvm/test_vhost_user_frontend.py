@@ -60,7 +60,9 @@ class Backend:
                    "--export", "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
                    f"addr.path={sock},writable=on"]
         self.kind, self.sock = kind, sock
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = sock.with_name(f"{sock.name}.{time.monotonic_ns()}.log")
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
         if not wait_for_path(sock):
             self.stop()
             pytest.fail(f"{kind} backend did not create {sock}")
@@ -73,9 +75,10 @@ class Backend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
         self.sock.unlink(missing_ok=True)
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture
@@ -142,8 +145,9 @@ def test_blk_guest_against_a_backend_process(guests: Path, image: Path, tmp_path
         irqs = int(p.stdout.split("msix irqs=")[1].split()[0])
         assert irqs >= 6  # one per request (libvhost-user also signals once at SET_VRING_CALL)
     else:
-        # virtio-mmio's InterruptStatus needs the VMM: it forwards every interrupt.
-        assert v["fast_interrupts"] == 0 and v["interrupt_forwards"] >= 6
+        # virtio-mmio's InterruptStatus needs the VMM: it forwards every interrupt (one
+        # wake-up may carry several: they add up in the eventfd).
+        assert v["fast_interrupts"] == 0 and v["interrupt_forwards"] >= 1
         assert v["interrupts"] == v["interrupt_forwards"]
 
 
@@ -163,7 +167,7 @@ def test_fast_path_off_forwards_every_kick_and_interrupt(guests: Path, image: Pa
     _, v = frontend_report(js)
     assert v["fast_kicks"] == v["fast_interrupts"] == 0
     assert v["kick_forwards"] == v["notifications"] == 6  # one per request
-    assert v["interrupt_forwards"] >= 6 and v["interrupts"] == v["interrupt_forwards"]
+    assert v["interrupt_forwards"] >= 1 and v["interrupts"] == v["interrupt_forwards"]
 
 
 def test_intx_guest_gets_forwarded_interrupts(guests: Path, image: Path, tmp_path: Path,
@@ -178,7 +182,7 @@ def test_intx_guest_gets_forwarded_interrupts(guests: Path, image: Path, tmp_pat
     assert p.returncode == 0, p.stdout + p.stderr
     _, v = frontend_report(js)
     assert v["fast_kicks"] == 1 and v["kick_forwards"] == 0
-    assert v["fast_interrupts"] == 0 and v["interrupt_forwards"] >= 6
+    assert v["fast_interrupts"] == 0 and v["interrupt_forwards"] >= 1
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -327,3 +331,53 @@ def test_net_guest_through_pyvmms_switch_backend(guests: Path, tap: str, sockdir
         assert f"len={14 + len(pl)} " in ln and f"sum={csum(pl):x} " in ln
     _, v = frontend_report(js)
     assert v["fast_kicks"] == 2 and v["kick_forwards"] == 0 and v["needs_reset"] == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backend_restarted_mid_run_the_rings_resume(guests: Path, tmp_path: Path,
+                                                    sockdir: Path, backends: list[Backend],
+                                                    kind: str) -> None:
+    """reconnect=20: the backend is SIGKILLed with writes in flight and a new one starts
+    on the same socket; the front end reconnects (bounded back-off), hands the successor
+    the same rings from the used index in guest memory (and, where negotiated, the
+    inflight region), and the guest — which fails on any error status — finishes every
+    request. The host finds the whole image written."""
+    bs, n = 262144, 15000 if kind == "pyvmm" else 65536  # qemu-storage-daemon is ~4x faster
+    img = tmp_path / "load.img"
+    img.write_bytes(bytes(16 << 20))
+    sock = sockdir / "blk.sock"
+    first = Backend(kind, sock, img)
+    backends.append(first)
+    js = tmp_path / "x.json"
+    vm = subprocess.Popen(pyvmm_cmd("run", "-q", "--timeout", "90", "--kernel",
+                                    str(guests / "blkload.elf"), "--disk",
+                                    f"if=vhost-user,socket={sock},reconnect=20", "--cmdline",
+                                    f"mode=2 qd=4 bs={bs} n={n} tsc_khz={tsc_khz()}",
+                                    "--exits-json", str(js)),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.2)  # booted (~0.3 s) and writing
+        assert vm.poll() is None, vm.communicate()
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait()
+        first.stop()  # removes the stale socket, so the successor's is the one waited for
+        time.sleep(0.5)
+        backends.append(Backend(kind, sock, img))  # the successor, same socket and image
+        out, err = vm.communicate(timeout=120)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
+    assert vm.returncode == 0, out + err
+    assert f"blkload mode=2 qd=4 bs={bs} n={n}" in out  # every request came back OK
+    assert err.count("reconnecting for up to 20 s") == 1 and err.count("is back") == 1, err
+    rep, v = frontend_report(js)
+    assert v["reconnects"] == 1 and v["connected"] == 1 and v["needs_reset"] == 0
+    assert v["bugs"] == 0 and rep["event_loop"]["bugs"] == 0
+    assert v["kick_forwards"] == 0 and v["fast_kicks"] == 1  # the same ioeventfd, handed on
+    # With pyvmm's backend the successor also reads the inflight region and serves what
+    # its predecessor had taken and not completed first ("serving N request(s) a
+    # previous back end left in flight" in its log, when the kill lands mid-request;
+    # tests/unit/test_vhost_user_inflight.py shows that part exactly).
+    chunk = bytes((i * 7) & 0xFF for i in range(bs))
+    assert img.read_bytes() == chunk * ((16 << 20) // bs)
