@@ -29,6 +29,7 @@ def exit_report(m: Machine) -> dict[str, Any]:
         "result": None if r is None else {
             "reason": r.reason, "exit_code": r.exit_code, "message": r.message,
             "wall_time_s": r.wall_time, "event_loop_cpu_s": m.event_loop_cpu,
+            "off_vcpu_cpu_s": m.off_vcpu_cpu, "vcpu_thread_cpu_s": m.vcpu_thread_cpu,
         },
         "state": m.state.value,
         "exits": exit_kinds(m.exit_counts),
