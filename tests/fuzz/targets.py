@@ -567,6 +567,37 @@ def vfio_user_session(data: bytes) -> None:
         raise Finding(f"the session let a VMM bug through: {dict(events.errors.counts)}")
 
 
+def vhost_user_frontend(data: bytes) -> None:
+    """pyvmm's own vhost-user front end against a backend whose replies are the
+    fuzzer's bytes (then EOF): only a BackendError or ConfigError may come out of the
+    handshake, and a device that came up is reset and closed without raising."""
+    from pyvmm.errors import BackendError
+    from pyvmm.vhost_user.frontend import BLK, Channel, VhostUserFrontend
+
+    events = EventManager()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    dev = None
+    try:
+        b.sendall(data[:100_000])
+        b.shutdown(socket.SHUT_WR)
+        try:
+            dev = VhostUserFrontend(Channel(a, 0.5), BLK, name="fuzz", events=events)
+        except (BackendError, ConfigError):
+            return
+        dev.reset()
+        for _ in range(2):
+            events.run_once(0)
+    finally:
+        if dev is not None:
+            dev.close()
+        else:
+            a.close()
+        b.close()
+        events.close()
+    if events.bugs:
+        raise Finding(f"the front end let a VMM bug through: {dict(events.errors.counts)}")
+
+
 TARGETS: dict[str, Target] = {
     "uart": uart, "pic": pic, "pit": pit, "rtc": rtc, "ioapic": ioapic, "i8042": i8042,
     "fw_cfg": fw_cfg, "pci": pci, "virtqueue": virtqueue, "virtio_blk": virtio_blk,
@@ -574,9 +605,29 @@ TARGETS: dict[str, Target] = {
     "virtio_mmio_regs": virtio_mmio_regs, "nvme": nvme, "vhost_user_codec": vhost_user_codec,
     "config_json": config_json, "image_loader": image_loader,
     "vhost_user_session": vhost_user_session, "vfio_user_session": vfio_user_session,
+    "vhost_user_frontend": vhost_user_frontend,
 }
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
+
+
+def _frontend_seed() -> bytes:
+    """The replies of a well-behaved vhost-user-blk backend to the front end's handshake
+    (features with PROTOCOL_FEATURES, protocol features CONFIG, config space)."""
+    from pyvmm.vhost_user.frontend import BLK
+
+    def reply(req: int, payload: bytes) -> bytes:
+        return vu.HEADER.pack(req, vu.VHOST_USER_VERSION | vu.VHOST_USER_REPLY_MASK,
+                              len(payload)) + payload
+
+    feats = (1 << 32) | (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES) | (1 << 9)
+    size = BLK.config_size
+    return (reply(vu.Request.GET_FEATURES, struct.pack("<Q", feats))
+            + reply(vu.Request.GET_PROTOCOL_FEATURES,
+                    struct.pack("<Q", 1 << vu.ProtocolFeature.CONFIG))
+            + reply(vu.Request.GET_CONFIG, struct.pack("<III", 0, size, 0)
+                    + struct.pack("<Q", 2048).ljust(size, b"\0"))
+            + reply(vu.Request.GET_FEATURES, struct.pack("<Q", feats)))  # the round trip
 
 
 def seeds() -> dict[str, list[bytes]]:
@@ -596,5 +647,6 @@ def seeds() -> dict[str, list[bytes]]:
                                        + struct.pack("<QQQQ", 0, 1 << 20, 0, 0))],
         "image_loader": [b"\x7fELF\x02\x01\x01" + bytes(57), b"\x02\xb0\xad\x1b" + bytes(60)],
         "uart": [bytes([0, 3, 1, 0x41, 5, 0]) * 8],
+        "vhost_user_frontend": [_frontend_seed()],
         "pci": [bytes([0, 2, 0, 1, 0, 0, 0, 0x80]) * 8],
     }
