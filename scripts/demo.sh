@@ -23,3 +23,12 @@ echo "== direct assignment through shared memory: the PCI test device's BAR4 is 
 echo "   mapped into the guest (a KVM memslot); 8 MiB written and read through it, and the"
 echo "   exit table has no row for it"
 .venv/bin/pyvmm run --kernel guests/out/pci_shmbar.elf --cmdline "n=8"
+echo
+echo "== the device registry: every device the machine can be given (one module + one line each)"
+.venv/bin/pyvmm info --devices
+echo
+echo "== fw_cfg, a fixed-port device found by probing: the guest reads a host file through it"
+echo "   by port (an exit per byte) and by DMA (one exit for the whole transfer)"
+echo "hello from the host" > guests/out/demo-greeting.txt
+.venv/bin/pyvmm run --kernel guests/out/fw_cfg.elf \
+    --fw-cfg file=opt/pyvmm/test=@guests/out/demo-greeting.txt

@@ -115,11 +115,22 @@ u64 pci_bar_size(u32 bus, u32 dev, u32 fn, int i, int *is_io, int *is64)
 volatile u32 irq_count[16];
 static u64 ack_addr[16];
 static u32 ack_val[16];
+static u16 ack_sel_port[16], ack_data_port[16];
+static u8 ack_sel[16];
+static volatile u8 *ack_restore[16];
 
 void irq_set_ack(u8 vector, u64 addr, u32 value)
 {
     ack_addr[vector & 15] = addr;
     ack_val[vector & 15] = value;
+}
+
+void irq_set_ack_pio(u8 vector, u16 sel_port, u8 sel, u16 data_port, volatile u8 *restore)
+{
+    ack_sel_port[vector & 15] = sel_port;
+    ack_sel[vector & 15] = sel;
+    ack_data_port[vector & 15] = data_port;
+    ack_restore[vector & 15] = restore;
 }
 
 void irq_dispatch(u64 vector)
@@ -128,6 +139,14 @@ void irq_dispatch(u64 vector)
     irq_count[i]++;
     if (ack_addr[i])
         mmio_write32(ack_addr[i], ack_val[i]);
+    if (ack_sel_port[i]) {  /* an indexed read acknowledges (the RTC's register C) */
+        outb(ack_sel_port[i], ack_sel[i]);
+        (void)inb(ack_data_port[i]);
+        /* The interrupted code may be between selecting an index and using it: put
+         * back the index it published, so its access reaches the register it chose. */
+        if (ack_restore[i])
+            outb(ack_sel_port[i], *ack_restore[i]);
+    }
     mmio_write32(LAPIC_BASE + 0xb0, 0);  /* EOI */
 }
 

@@ -25,6 +25,9 @@ u64 pci_bar_addr(u32 bus, u32 dev, u32 fn, int i);
 extern volatile u32 irq_count[16];
 void irq_init(void);
 void irq_set_ack(u8 vector, u64 addr, u32 value);
+/* Acknowledge by an indexed port read: outb(sel_port, sel); inb(data_port); then
+ * outb(sel_port, *restore) if restore: the index the interrupted code published. */
+void irq_set_ack_pio(u8 vector, u16 sel_port, u8 sel, u16 data_port, volatile u8 *restore);
 void lapic_enable(void);
 void ioapic_route(u32 pin, u8 vector, int level, int masked);
 int wait_irq(u8 vector, u32 want, u64 spins);

@@ -310,3 +310,25 @@ static int mmio_queue_setup(struct vdev *v, struct vq *q, u16 index, u16 size)
     w32(base + 0x44, 1);
     return 0;
 }
+
+/* One virtio-blk request, polled: header, data (device-writable unless an OUT), status. */
+struct blk_hdr { u32 type, reserved; u64 sector; };
+static struct blk_hdr blk_hdr;
+static u8 blk_status;
+
+int virtio_blk_io(struct vq *q, u32 type, u64 sector, void *data, u32 len)
+{
+    blk_hdr.type = type;
+    blk_hdr.sector = sector;
+    blk_status = 0xff;
+    struct vbuf b[3] = { { &blk_hdr, 16, 0 }, { data, len, type != 1 }, { &blk_status, 1, 1 } };
+    if (len) {
+        vq_submit(q, b, 3);
+    } else {
+        b[1] = b[2];
+        vq_submit(q, b, 2);
+    }
+    if (vq_wait(q, 4000000000ul) < 0)
+        fail("no completion for request type %u", type);
+    return blk_status;
+}

@@ -58,4 +58,7 @@ static inline void virtio_kick(struct vq *q)
 }
 /* Spin until the next used element; returns its written length or -1 on timeout. */
 i64 vq_wait(struct vq *q, u64 spins);
+/* One virtio-blk request on q, polled to completion: header, data (device-writable
+ * unless type is OUT), status byte; returns the status (fails the guest on a timeout). */
+int virtio_blk_io(struct vq *q, u32 type, u64 sector, void *data, u32 len);
 #endif

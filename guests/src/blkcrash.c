@@ -7,27 +7,8 @@
 #include "virtio.h"
 
 #define VIRTIO_BLK_F_FLUSH 9
-struct blk_hdr { u32 type, reserved; u64 sector; };
-static struct blk_hdr hdr;
-static u8 status;
 static u64 block[512] __attribute__((aligned(4096)));
 
-static int blk_io(struct vq *q, u32 type, u64 sector, void *data, u32 len)
-{
-    hdr.type = type;
-    hdr.sector = sector;
-    status = 0xff;
-    struct vbuf b[3] = { { &hdr, 16, 0 }, { data, len, 0 }, { &status, 1, 1 } };
-    if (len) {
-        vq_submit(q, b, 3);
-    } else {
-        b[1] = b[2];
-        vq_submit(q, b, 2);
-    }
-    if (vq_wait(q, 4000000000ul) < 0)
-        fail("no completion for request type %u", type);
-    return status;
-}
 
 int main(void)
 {
@@ -50,13 +31,13 @@ int main(void)
         block[1] = seed;
         for (int w = 2; w < 512; w++)
             block[w] = (i * 0x9e3779b97f4a7c15ul) ^ (seed << 32) ^ (u64)w;
-        int st = blk_io(&q, 1, (i % blocks) * 8, block, sizeof block);
+        int st = virtio_blk_io(&q, 1, (i % blocks) * 8, block, sizeof block);
         if (st) {
             printf("ioerr %lu %d\n", i, st);
             return 3;
         }
         if ((i + 1) % every == 0 || i + 1 == n) {
-            st = blk_io(&q, 4, 0, 0, 0); /* VIRTIO_BLK_T_FLUSH */
+            st = virtio_blk_io(&q, 4, 0, 0, 0); /* VIRTIO_BLK_T_FLUSH */
             if (st) {
                 printf("ioerr %lu %d\n", i, st);
                 return 3;

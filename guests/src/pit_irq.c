@@ -63,11 +63,15 @@ int main(void)
         cpu_relax();
     }
     outb(0x43, 0x30);                 /* mode 0, no count written: channel stops */
+    for (u64 t1 = rdtsc(); rdtsc() - t1 < 10 * khz;)  /* 10 ms for one in flight to land */
+        cpu_relax();
+    u32 final = irq_count[vec & 15];
     u64 want = hz * ms / 1000;
     printf("pit-irq route=%lu hz=%lu ms=%lu ticks=%u expected=%lu total=%u periods=%lu "
-           "caught_up=%d over=%d\n", route, hz, ms, n, want, total, periods, caught_up, over);
-    /* Never more than the periods elapsed; under them only as far as a busy host makes
-     * ticks coalesce (the split chip's PIT; the test checks its rate from the device's
-     * own period count). */
-    return (!over && n * 2 >= want) ? 0 : 3;
+           "caught_up=%d over=%d final=%u\n", route, hz, ms, n, want, total, periods,
+           caught_up, over, final);
+    /* Never more than the periods elapsed. How many fewer depends on how busy the host
+     * is (the split chip's PIT coalesces late periods on the IOAPIC route), so that is
+     * not the guest's to judge: the test checks the rate from the device's counts. */
+    return !over ? 0 : 3;
 }

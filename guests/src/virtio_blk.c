@@ -1,36 +1,37 @@
 /* virtio-blk: drive the first virtio-blk PCI device. Reads sector 0 and prints a
  * checksum of it (the host wrote a known pattern there), writes a pattern made from
  * seed= to sectors 8..15, flushes, reads it back and compares, asks for the device
- * ID, and checks that a read past the end fails with IOERR. */
+ * ID, and checks that a read past the end fails with IOERR. With msix=1 (virtio-pci)
+ * the queue interrupts by MSI-X vector 0 (guest vector 0x40): completions are still
+ * polled, the interrupts are counted and must have arrived. */
 #include "virtio.h"
 
 #define VIRTIO_BLK_F_FLUSH 9
-struct blk_hdr { u32 type, reserved; u64 sector; };
-static struct blk_hdr hdr;
-static u8 status;
 static u8 buf[8 * 512] __attribute__((aligned(512)));
 static u8 out[8 * 512] __attribute__((aligned(512)));
 
-static int blk_io(struct vq *q, u32 type, u64 sector, void *data, u32 len)
+
+/* MSI-X on: entry 0 -> LAPIC 0, vector 0x40, unmasked; the rest stay masked. */
+static void msix_setup(u32 slot)
 {
-    hdr.type = type;
-    hdr.sector = sector;
-    status = 0xff;
-    struct vbuf b[3] = { { &hdr, 16, 0 }, { data, len, type != 1 }, { &status, 1, 1 } };
-    if (len) {
-        vq_submit(q, b, 3);
-    } else {
-        b[1] = b[2];
-        vq_submit(q, b, 2);
-    }
-    if (vq_wait(q, 4000000000ul) < 0)
-        fail("no completion for request type %u", type);
-    return status;
+    int cap = pci_find_cap(0, slot, 0, 0x11);
+    if (!cap)
+        fail("no MSI-X capability");
+    u32 t = pci_read32(0, slot, 0, cap + 4);
+    u64 table = pci_bar_addr(0, slot, 0, t & 7) + (t & ~7u);
+    irq_init();
+    lapic_enable();
+    mmio_write32(table + 0, (u32)LAPIC_BASE);
+    mmio_write32(table + 4, 0);
+    mmio_write32(table + 8, 0x40);
+    mmio_write32(table + 12, 0);
+    pci_write16(0, slot, 0, cap + 2, 0x8000);
 }
 
 int main(void)
 {
     uart_init();
+    u64 msix = arg_u64("msix", 0);
     struct vdev v;
     struct vq q;
     u32 slot;
@@ -51,7 +52,9 @@ int main(void)
             fail("no virtio-blk");
         if (virtio_negotiate(&v, 1ul << VIRTIO_BLK_F_FLUSH))
             fail("FEATURES_OK refused");
-        if (virtio_queue_setup(&v, &q, 0, 64, 0xffff))
+        if (msix)
+            msix_setup(slot);
+        if (virtio_queue_setup(&v, &q, 0, 64, msix ? 0 : 0xffff))
             fail("queue setup");
         virtio_driver_ok(&v);
         devcfg = v.device;
@@ -60,23 +63,28 @@ int main(void)
     u64 cap = *(volatile u32 *)devcfg | ((u64)*(volatile u32 *)(devcfg + 4) << 32);
     printf("capacity=%lu sectors features=%lx\n", cap, v.features);
 
-    if (blk_io(&q, 0, 0, buf, 512)) fail("read sector 0");
+    if (virtio_blk_io(&q, 0, 0, buf, 512)) fail("read sector 0");
     u32 sum = 0;
     for (int i = 0; i < 512; i++) sum = sum * 31 + buf[i];
     printf("sector0 sum=%x\n", sum);
 
     u32 seed = (u32)arg_u64("seed", 1);
     for (int i = 0; i < 8 * 512; i++) out[i] = (u8)((i * 131 + seed * 7) >> 2);
-    if (blk_io(&q, 1, 8, out, sizeof out)) fail("write");
-    if (blk_io(&q, 4, 0, 0, 0)) fail("flush");
+    if (virtio_blk_io(&q, 1, 8, out, sizeof out)) fail("write");
+    if (virtio_blk_io(&q, 4, 0, 0, 0)) fail("flush");
     memset(buf, 0, sizeof buf);
-    if (blk_io(&q, 0, 8, buf, sizeof buf)) fail("read back");
+    if (virtio_blk_io(&q, 0, 8, buf, sizeof buf)) fail("read back");
     if (memcmp(buf, out, sizeof out)) fail("read back differs");
     printf("ok write/flush/read-back\n");
-    if (blk_io(&q, 8, 0, buf, 20)) fail("get id");
+    if (virtio_blk_io(&q, 8, 0, buf, 20)) fail("get id");
     printf("id=%s\n", (char *)buf);
-    if (blk_io(&q, 0, cap, buf, 512) != 1) fail("read past the end did not fail");
+    if (virtio_blk_io(&q, 0, cap, buf, 512) != 1) fail("read past the end did not fail");
     printf("ok read past the end -> IOERR\n");
+    if (msix && !arg_u64("mmio", 0)) {
+        if (!wait_irq(0x40, 1, 100000000ul))
+            fail("no MSI-X interrupt for the queue");
+        printf("msix irqs=%u\n", irq_count[0]);
+    }
     if (!arg_u64("mmio", 0) && (virtio_status(&v) & 0x40)) fail("device needs reset");
     return 0;
 }

@@ -8,6 +8,8 @@
     ├── GuestMemoryError     a guest-physical access outside RAM (a device fails the request)
     ├── BusError             overlapping or unknown bus ranges (a VMM bug, not a guest one)
     ├── LoaderError          the kernel image cannot be loaded (a ConfigError)
+    ├── BackendError         a device's backend in another process (vhost-user) broke the
+    │                        protocol, did not answer in time, or went away
     └── StateError           a call in the wrong lifecycle state
 """
 
@@ -50,6 +52,12 @@ class BusError(PyvmmError):
 
 class LoaderError(ConfigError):
     """The kernel image is not something pyvmm can load."""
+
+
+class BackendError(PyvmmError):
+    """The process serving a device's queues (a vhost-user backend) sent something the
+    protocol does not allow, did not answer within its time, or closed the connection.
+    The device needs a reset; it is not a VMM bug and not the guest's fault."""
 
 
 class StateError(PyvmmError):

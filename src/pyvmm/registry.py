@@ -14,11 +14,14 @@ from pyvmm.devices.legacy import fw_cfg
 from pyvmm.devices.nvme import controller as nvme
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.devices.virtio import blk, console, net, rng
+from pyvmm.vhost_user import frontend as vhost_user
 
 DEVICES: tuple[DeviceSpec, ...] = (
     blk.SPEC,
     nvme.SPEC,
+    vhost_user.BLK_SPEC,
     net.SPEC,
+    vhost_user.NET_SPEC,
     console.SPEC,
     rng.SPEC,
     fw_cfg.SPEC,

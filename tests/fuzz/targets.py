@@ -129,7 +129,7 @@ def pit(data: bytes) -> None:
 
 
 def rtc(data: bytes) -> None:
-    register_ops(Rtc(irq=lambda: None, memory_bytes=RAM, now_ns=lambda: 10**18), data,
+    register_ops(Rtc(irq=RecordingLine(), memory_bytes=RAM, now_ns=lambda: 10**18), data,
                  [(0x70, 2)], (1,))
 
 
@@ -245,12 +245,54 @@ def _image() -> str:
 
 
 def virtio_blk(data: bytes) -> None:
+    """Half the inputs are raw ring bytes; the other half requests built from the
+    fuzzer's choices (type, sector, how header, data and status are split over
+    descriptors, which are writable, direct or indirect): deep into the request path."""
     be = RawBlockBackend(_image())
     try:
         dev = VirtioBlk(be)
-        _drive(dev, data, dev.features)
+        if data[:1] and data[0] & 1:
+            _blk_requests(dev, data[1:])
+        else:
+            _drive(dev, data[1:], dev.features)
     finally:
         be.close()
+
+
+def _blk_requests(dev: VirtioBlk, data: bytes) -> None:
+    mem = fresh_ram()
+    d = VirtioDriver(dev, mem, features=dev.features, size=32)
+    dq = d.queues[0]
+    r = Reader(data)
+    types = (0, 1, 4, 8, 11, 13, 0xFF)  # IN OUT FLUSH GET_ID DISCARD WRITE_ZEROES other
+    for _ in range(8):
+        if not r.left():
+            break
+        typ = types[r.int(1) % len(types)]
+        sector = r.int(1) << (r.int(1) % 40)
+        body = r.take(r.int(1) % 64) if typ in (11, 13) else b""
+        n = (r.int(1) % 9) * 512 + (r.int(1) % 4 if r.int(1) % 8 == 0 else 0)
+        hdr = struct.pack("<IIQ", typ, 0, sector) + body
+        parts: list[tuple[int, int, bool]] = []
+        cut = r.int(1) % (len(hdr) + 1)
+        for piece in (hdr[:cut], hdr[cut:]):
+            if piece:
+                parts.append((dq.alloc(piece), len(piece), bool(r.int(1) % 16 == 0)))
+        if n:
+            parts.append((dq.alloc(n), n, typ != 1))
+        parts.append((dq.alloc(1), 1 + r.int(1) % 2, r.int(1) % 16 != 0))
+        if r.int(1) % 8 == 0:
+            a, ln, w = parts[r.int(1) % len(parts)]
+            parts[r.int(1) % len(parts)] = (a + (r.int(4) << 20), ln, w)  # outside RAM
+        if len(parts) > 12:
+            parts = parts[:12]
+        try:
+            dq.add(parts, indirect=bool(r.int(1) & 1))
+        except GuestMemoryError:
+            break  # the driver side ran out of buffer space: the input is used up
+        d.kick(0)
+    if d.core.bugs:
+        raise Finding("virtio core counted a bug")
 
 
 class _Sink:
@@ -318,6 +360,57 @@ def virtio_mmio_regs(data: bytes) -> None:
 
 # --- NVMe --------------------------------------------------------------------------------
 def nvme(data: bytes) -> None:
+    """Half the inputs are raw register writes over fuzzer-filled memory; the other half
+    an enabled controller (admin queues set up as a driver does) given submission
+    entries built from the fuzzer's choices: opcodes, queue creation, PRPs and lists
+    anywhere, LBAs and lengths."""
+    if data[:1] and data[0] & 1:
+        _nvme_commands(data[1:])
+        return
+    _nvme_registers(data[1:])
+
+
+def _nvme_commands(data: bytes) -> None:
+    mem = fresh_ram()
+    be = RawBlockBackend(_image())
+    try:
+        dev = NvmeController(be, mem, RecordingMsiSink())
+        asq, acq = 0x10000, 0x11000
+        dev.write_bar(0, 0x24, 4, (15 << 16) | 15)  # AQA: 16 entries each
+        dev.write_bar(0, 0x28, 4, asq)
+        dev.write_bar(0, 0x2C, 4, 0)
+        dev.write_bar(0, 0x30, 4, acq)
+        dev.write_bar(0, 0x34, 4, 0)
+        dev.write_bar(0, 0x14, 4, (6 << 20) | (4 << 16) | 1)  # CC: IOCQES, IOSQES, EN
+        mem.write(0x40000, data[:8192])  # PRP lists and data the fuzzer may point at
+        r = Reader(data[8192:] if len(data) > 8192 else data)
+        ops = (0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0A, 0x0C, 0x80, 0x81, 0x82)
+        tail = {0: 0, 1: 0}
+        for _ in range(24):
+            if not r.left():
+                break
+            qid = 1 if r.int(1) % 3 == 0 else 0
+            base = asq if qid == 0 else 0x20000
+            op = ops[r.int(1) % len(ops)] if r.int(1) % 8 else r.int(1)
+            prp1 = 0x40000 + (r.int(2) << (r.int(1) % 12)) if r.int(1) % 8 else r.int(8)
+            prp2 = 0x40000 + (r.int(2) << 3) if r.int(1) % 4 else r.int(8)
+            cdw = [r.int(4) for _ in range(6)]
+            if qid == 0 and op in (0x01, 0x05):  # create I/O SQ/CQ 1 at fixed places
+                prp1 = 0x20000 if op == 0x01 else 0x21000
+                cdw[0] = (1 | ((r.int(1) % 16) << 16))
+                cdw[1] = 1 | (r.int(1) & 2) | ((1 << 16) if op == 0x01 else 0)
+            cmd = struct.pack("<BBHIQQQQ6I", op, 0, r.int(2), r.int(1) % 3, 0, 0, prp1, prp2,
+                              *cdw)
+            mem.write(base + 64 * tail[qid], cmd)
+            tail[qid] = (tail[qid] + 1) % 16
+            dev.write_bar(0, 0x1000 + 8 * qid, 4, tail[qid])
+            if r.int(1) % 4 == 0:  # the host frees completions now and then
+                dev.write_bar(0, 0x1000 + 8 * qid + 4, 4, r.int(1) % 16)
+    finally:
+        be.close()
+
+
+def _nvme_registers(data: bytes) -> None:
     mem = fresh_ram()
     mem.write(0x10000, data[:8192])  # queues and PRP lists the fuzzer may point at
     be = RawBlockBackend(_image())
@@ -474,6 +567,37 @@ def vfio_user_session(data: bytes) -> None:
         raise Finding(f"the session let a VMM bug through: {dict(events.errors.counts)}")
 
 
+def vhost_user_frontend(data: bytes) -> None:
+    """pyvmm's own vhost-user front end against a backend whose replies are the
+    fuzzer's bytes (then EOF): only a BackendError or ConfigError may come out of the
+    handshake, and a device that came up is reset and closed without raising."""
+    from pyvmm.errors import BackendError
+    from pyvmm.vhost_user.frontend import BLK, Channel, VhostUserFrontend
+
+    events = EventManager()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    dev = None
+    try:
+        b.sendall(data[:100_000])
+        b.shutdown(socket.SHUT_WR)
+        try:
+            dev = VhostUserFrontend(Channel(a, 0.5), BLK, name="fuzz", events=events)
+        except (BackendError, ConfigError):
+            return
+        dev.reset()
+        for _ in range(2):
+            events.run_once(0)
+    finally:
+        if dev is not None:
+            dev.close()
+        else:
+            a.close()
+        b.close()
+        events.close()
+    if events.bugs:
+        raise Finding(f"the front end let a VMM bug through: {dict(events.errors.counts)}")
+
+
 TARGETS: dict[str, Target] = {
     "uart": uart, "pic": pic, "pit": pit, "rtc": rtc, "ioapic": ioapic, "i8042": i8042,
     "fw_cfg": fw_cfg, "pci": pci, "virtqueue": virtqueue, "virtio_blk": virtio_blk,
@@ -481,9 +605,29 @@ TARGETS: dict[str, Target] = {
     "virtio_mmio_regs": virtio_mmio_regs, "nvme": nvme, "vhost_user_codec": vhost_user_codec,
     "config_json": config_json, "image_loader": image_loader,
     "vhost_user_session": vhost_user_session, "vfio_user_session": vfio_user_session,
+    "vhost_user_frontend": vhost_user_frontend,
 }
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
+
+
+def _frontend_seed() -> bytes:
+    """The replies of a well-behaved vhost-user-blk backend to the front end's handshake
+    (features with PROTOCOL_FEATURES, protocol features CONFIG, config space)."""
+    from pyvmm.vhost_user.frontend import BLK
+
+    def reply(req: int, payload: bytes) -> bytes:
+        return vu.HEADER.pack(req, vu.VHOST_USER_VERSION | vu.VHOST_USER_REPLY_MASK,
+                              len(payload)) + payload
+
+    feats = (1 << 32) | (1 << vu.VHOST_USER_F_PROTOCOL_FEATURES) | (1 << 9)
+    size = BLK.config_size
+    return (reply(vu.Request.GET_FEATURES, struct.pack("<Q", feats))
+            + reply(vu.Request.GET_PROTOCOL_FEATURES,
+                    struct.pack("<Q", 1 << vu.ProtocolFeature.CONFIG))
+            + reply(vu.Request.GET_CONFIG, struct.pack("<III", 0, size, 0)
+                    + struct.pack("<Q", 2048).ljust(size, b"\0"))
+            + reply(vu.Request.GET_FEATURES, struct.pack("<Q", feats)))  # the round trip
 
 
 def seeds() -> dict[str, list[bytes]]:
@@ -503,5 +647,6 @@ def seeds() -> dict[str, list[bytes]]:
                                        + struct.pack("<QQQQ", 0, 1 << 20, 0, 0))],
         "image_loader": [b"\x7fELF\x02\x01\x01" + bytes(57), b"\x02\xb0\xad\x1b" + bytes(60)],
         "uart": [bytes([0, 3, 1, 0x41, 5, 0]) * 8],
+        "vhost_user_frontend": [_frontend_seed()],
         "pci": [bytes([0, 2, 0, 1, 0, 0, 0, 0x80]) * 8],
     }

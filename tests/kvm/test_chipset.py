@@ -48,21 +48,29 @@ def test_pit_1khz_for_one_second(guests: Path, chip: str, route: int, tmp_path: 
     p = run(guests / "pit_irq.elf", chip, f"route={route} hz=1000 ms=1000 tsc_khz={tsc_khz()}",
             js)
     m = re.search(r"ticks=(\d+) expected=(\d+) total=(\d+) periods=(\d+) caught_up=(\d) "
-                  r"over=(\d)", p.stdout)
+                  r"over=(\d) final=(\d+)", p.stdout)
     assert m, p.stdout + p.stderr
-    ticks, want, total, periods, caught_up, over = map(int, m.groups())
+    ticks, want, total, periods, caught_up, over, final = map(int, m.groups())
     assert p.returncode == 0, p.stdout
     # Both chips: never more interrupts since programming than periods since then.
     assert not over and total <= periods + 2, p.stdout
     rep = json.loads(js.read_text())["irqchip"]
     if chip == "split":
-        periods_counted, due = rep["pit_ticks"] + rep["pit_missed"], rep["pit_due"]
+        periods_counted, due = rep["pit_periods"], rep["pit_due"]
         assert due >= want * 97 // 100, rep  # armed across the guest's window
         # -3%: periods still unread in the timerfd when the guest stops the timer are lost
         assert due * 97 // 100 - 2 <= periods_counted <= due + 2, rep
-        assert ticks >= want // 2, p.stdout
         delivered = rep["pic_injected"] if route == 1 else rep["ioapic_delivered"]
         assert rep["pit_ticks"] >= ticks and delivered >= ticks
+        if route == 1:
+            # Through the 8259 the PIT sees each INTA: it raises the next period only
+            # then, and owes what a late timer coalesced (ack-driven reinjection). So
+            # every edge it raised reached the guest, and every period it counted was
+            # raised, owed, forgiven when the guest stopped the counter, or dropped.
+            assert final == rep["pit_ticks"], (final, rep)
+            assert rep["pit_periods"] == (rep["pit_ticks"] + rep["pit_backlog"]
+                                          + rep["pit_forgiven"] + rep["pit_dropped"]), rep
+            assert rep["pit_dropped"] == 0, rep
     else:
         # KVM's PIT reinjects what a stalled vCPU missed: the total catches up with the
         # periods elapsed (a wrong divisor or mode would not), whatever the scheduling.
@@ -82,15 +90,52 @@ def test_rtc_time_and_periodic_interrupt(guests: Path, chip: str, tmp_path: Path
     guest = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0))
     assert before - 1 <= guest <= after + 1
     assert "cmos mem above 1M: 64512 KiB" in p.stdout  # 64 MiB guest
-    t = re.search(r"periodic ticks=(\d+) expected=(\d+)", p.stdout)
+    t = re.search(r"periodic ticks=(\d+) expected=(\d+) total=(\d+)", p.stdout)
     assert t
-    n, want = int(t.group(1)), int(t.group(2))
-    # The RTC is Python on both chips: its own period count (delivered + coalesced) is
-    # the rate; the guest's count may fall short when the host is busy (475 of 512 seen
-    # in CI), never exceed it.
+    n, want, total = (int(x) for x in t.groups())
     rep = json.loads(js.read_text())["irqchip"]
-    periods, due = rep["rtc_periodic"] + rep["rtc_missed"], rep["rtc_due"]
+    check_rtc_accounting(rep, want, total)
+    assert n > 0, p.stdout  # (how many in the window depends on how busy the host is)
+
+
+def check_rtc_accounting(rep: dict[str, int], want: int, total: int) -> None:
+    """What the RTC guarantees whatever the host's scheduling. The interrupt is a level
+    the guest acknowledges by reading register C, and the next one is raised only then:
+    so every interrupt the RTC raised reached the guest (none coalesced in the
+    interrupt controller). Every period the timer counted was raised, or is still owed,
+    or was forgiven when the guest turned PIE off (or dropped past the backlog cap). And
+    the timer's count is the rate: within the periods due by the host clock while armed
+    (-3%: periods unread in the timerfd when the guest stops it are not counted)."""
+    assert total == rep["rtc_periodic"], rep  # delivered == raised, exactly
+    assert rep["rtc_periods"] == (rep["rtc_periodic"] + rep["rtc_backlog"]
+                                  + rep["rtc_forgiven"] + rep["rtc_dropped"]), rep
+    assert rep["rtc_dropped"] == 0 and rep["rtc_backlog"] == 0, rep
+    due = rep["rtc_due"]
     assert due >= want * 97 // 100, rep  # armed across the guest's window
-    # -3%: periods still unread in the timerfd when the guest stops the timer are lost
-    assert due * 97 // 100 - 2 <= periods <= due + 2, rep
-    assert want // 2 <= n <= want * 102 // 100, p.stdout
+    assert due * 97 // 100 - 2 <= rep["rtc_periods"] <= due + 2, rep
+
+
+@pytest.mark.parametrize("chip", ["kernel", "split"])
+def test_rtc_ticks_the_guest_was_late_for_are_reinjected(guests: Path, chip: str,
+                                                        tmp_path: Path) -> None:
+    """A loaded second: two busy loops beside the VM make the host timer and the vCPU
+    late. Periods coalesced then are owed and raised one per acknowledgement, so the
+    guest's total is what the RTC raised, and what it raised plus what it still owed
+    when the guest stopped is every period counted."""
+    hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(2)]
+    try:
+        js = tmp_path / "x.json"
+        p = run(guests / "rtc.elf", chip, f"tsc_khz={tsc_khz()} ms=1000", js)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert p.returncode == 0, p.stdout + p.stderr
+    t = re.search(r"periodic ticks=(\d+) expected=(\d+) total=(\d+)", p.stdout)
+    assert t, p.stdout
+    _, want, total = (int(x) for x in t.groups())
+    rep = json.loads(js.read_text())["irqchip"]
+    check_rtc_accounting(rep, want, total)
+    # Owed periods were raised once acknowledged: whatever was late was not lost, only
+    # what was still owed when the guest turned the interrupt off.
+    assert total + rep["rtc_forgiven"] == rep["rtc_periods"], rep

@@ -130,3 +130,13 @@ def test_bad_msi_and_rng_rate(capsys: pytest.CaptureFixture[str], guests: Path,
                               args: list[str], text: str) -> None:
     rc, err = run_main(capsys, "run", "--kernel", str(guests / "hello.elf"), *args)
     assert_one_line_error(rc, err, text)
+
+
+def test_info_devices_lists_the_registry() -> None:
+    from pyvmm.registry import DEVICES
+
+    p = subprocess.run(pyvmm_cmd("info", "--devices"), capture_output=True, text=True,
+                       check=True)
+    for spec in DEVICES:
+        assert spec.name in p.stdout and spec.summary[:20] in p.stdout
+    assert "--disk if=nvme" in p.stdout

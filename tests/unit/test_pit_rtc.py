@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from pyvmm.bus import IoBus
 from pyvmm.devices.legacy.pit import PIT_FREQ, Pit, Port61
-from pyvmm.devices.legacy.rtc import Rtc
+from pyvmm.devices.legacy.rtc import MAX_BACKLOG, Rtc
+from pyvmm.testing import RecordingLine
 
 
 class Clock:
@@ -117,7 +118,7 @@ def test_random_pit_writes_never_raise(ops: list[tuple[int, int]]) -> None:
 
 
 def rtc(now: int = calendar.timegm((2026, 11, 25, 13, 45, 30, 0, 0, 0))) -> tuple[IoBus, Rtc]:
-    r = Rtc(irq=lambda: None, memory_bytes=64 << 20, timer=FakeTimer(),
+    r = Rtc(irq=RecordingLine(), memory_bytes=64 << 20, timer=FakeTimer(),
             now_ns=lambda: now * 10**9)
     bus = IoBus()
     bus.insert(r, 0x70, 2)
@@ -168,3 +169,81 @@ def test_random_cmos_writes_never_raise(ops: list[tuple[int, int]]) -> None:
         assert 0 <= bus.read(0x71, 1) <= 0xFF
         r.on_timer(1)
     assert len(r.cmos) == 128
+
+
+def rtc_with_pie() -> tuple[Rtc, RecordingLine]:
+    line = RecordingLine()
+    r = Rtc(irq=line, timer=FakeTimer())
+    r.write(0, 0, 1, 0x0B)
+    r.write(0, 1, 1, 0x40 | 0x02)  # PIE, 24h
+    return r, line
+
+
+def read_c(r: Rtc) -> int:
+    r.write(0, 0, 1, 0x0C)
+    return r.read(0, 1, 1)
+
+
+def test_rtc_irq_is_a_level_released_by_reading_register_c() -> None:
+    r, line = rtc_with_pie()
+    r.on_timer(1)
+    assert line.level and r.periodic_interrupts == 1
+    r.on_timer(1)  # not acknowledged yet: owed, no second edge
+    assert r.periodic_interrupts == 1 and r.backlog == 1
+    assert read_c(r) & 0xC0 == 0xC0  # IRQF | PF
+    # the read acknowledged it and raised the owed one at once: a new edge
+    assert line.level and r.periodic_interrupts == 2 and r.periodic_reinjected == 1
+    assert line.history[-2:] == [False, True]
+    read_c(r)
+    assert not line.level and r.backlog == 0  # nothing owed: the line stays low
+
+
+def test_rtc_periods_a_late_timer_coalesced_are_reinjected_one_per_ack() -> None:
+    r, _ = rtc_with_pie()
+    r.on_timer(5)  # the event loop was four periods late
+    assert r.periodic_interrupts == 1 and r.backlog == 4 and r.periodic_missed == 4
+    for _ in range(4):
+        read_c(r)
+    assert r.periodic_interrupts == 5 and r.backlog == 0 and r.periodic_reinjected == 4
+    assert r.periodic_periods == 5
+
+
+def test_rtc_turning_pie_off_forgives_what_is_owed_and_the_backlog_is_bounded() -> None:
+    r, _ = rtc_with_pie()
+    r.on_timer(MAX_BACKLOG + 10)
+    assert r.backlog == MAX_BACKLOG and r.periodic_dropped == 9
+    r.write(0, 0, 1, 0x0B)
+    r.write(0, 1, 1, 0x02)  # PIE off
+    assert r.backlog == 0 and r.periodic_forgiven == MAX_BACKLOG
+    read_c(r)
+    assert r.periodic_reinjected == 0
+    assert r.periodic_periods == (r.periodic_interrupts + r.backlog + r.periodic_forgiven
+                                  + r.periodic_dropped)
+
+
+def test_pit_reinjects_coalesced_periods_one_per_8259_acknowledgement() -> None:
+    raised: list[int] = []
+    acks = [True]
+    p = Pit(irq0=lambda: raised.append(1), timer=FakeTimer(), clock=Clock(),
+            acks_irq0=lambda: acks[0])
+    p.on_timer(4)  # three periods late
+    assert len(raised) == 1 and p.backlog == 3
+    p.on_timer(1)  # not acknowledged yet: owed
+    assert len(raised) == 1 and p.backlog == 4
+    for _ in range(4):
+        p.acked()
+    assert len(raised) == 5 and p.backlog == 0 and p.reinjected == 4
+    p.acked()  # nothing owed: nothing raised
+    assert len(raised) == 5 and p.periods == 5
+    acks[0] = False  # the IOAPIC route: no acknowledgement to wait for
+    p.on_timer(3)
+    assert len(raised) == 6 and p.backlog == 0 and p.missed == 3 + 2
+    assert p.periods == p.ticks + p.backlog + p.forgiven + p.dropped + 2  # 2 coalesced
+
+
+def test_pit_reprogramming_forgives_what_is_owed() -> None:
+    p = Pit(irq0=lambda: None, timer=FakeTimer(), clock=Clock(), acks_irq0=lambda: True)
+    p.on_timer(10)
+    assert p.backlog == 9
+    p.write(0x40, 3, 1, 0x34)  # channel 0, new mode: the counter stops
+    assert p.backlog == 0 and p.forgiven == 9

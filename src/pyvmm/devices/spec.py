@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from pyvmm.backends.block import RawBlockBackend
 from pyvmm.schema import option
 
 if TYPE_CHECKING:
@@ -67,6 +68,33 @@ class DeviceConfig:
 class VirtioConfig(DeviceConfig):
     transport: Transport = option(Transport.PCI, "virtio-pci, or a virtio-mmio slot in the "
                                   "DSDT")
+
+
+@dataclass(kw_only=True)
+class DiskConfig(DeviceConfig):
+    """What every disk device takes, whatever its interface."""
+
+    path: str = option(doc="raw disk image", metavar="IMG")
+    readonly: bool = option(False, "serve the image read-only (the guest sees a "
+                            "write-protected disk)")
+    serial: str | None = option(None, "the serial number the driver reads (20 printable "
+                                "ASCII characters at most; default: made from the device "
+                                "and its index)")
+
+    def check(self) -> None:
+        if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
+                                        or not self.serial.isprintable()):
+            raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")
+
+    def validate(self) -> None:
+        """Before the VM is built: the image opens (and locks) as asked, or one line."""
+        RawBlockBackend(self.path, self.readonly).close()
+
+    def open(self, ctx: HostContext) -> RawBlockBackend:
+        """The image, closed with the host."""
+        be = RawBlockBackend(self.path, self.readonly)
+        ctx.on_close(be.close)
+        return be
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ host's business (``pyvmm.irqchip``, the vfio-user server)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from pyvmm.irq.line import InterruptLine
 from pyvmm.uapi.pci import MSI_ADDRESS_BASE, MSI_ADDRESS_MASK
@@ -25,6 +25,22 @@ class MsiMessage(NamedTuple):
 
 class MsiSink(Protocol):
     def send_msi(self, msg: MsiMessage) -> None: ...
+
+
+@runtime_checkable
+class EventfdSink(Protocol):
+    """A vector sink that can hand out the eventfd it signals (an irqfd), so that
+    another process — a vhost-user backend — raises the vector without the VMM."""
+
+    def send_msi(self, msg: MsiMessage) -> None: ...
+
+    def eventfd(self, msg: MsiMessage) -> int:
+        """The eventfd, routed to ``msg`` (the sink keeps it; dup to hand it on)."""
+        ...
+
+    def route(self, msg: MsiMessage) -> None:
+        """The vector's message changed: route the eventfd to the new one."""
+        ...
 
 
 def vector_sinks(sink: MsiSink, n: int) -> list[MsiSink]:

@@ -98,6 +98,26 @@ class IrqfdVector:
         self.irqfd.send(msg.address, msg.data)
         self.sent += 1
 
+    # --- handing the vector to another process (a vhost-user backend's call fd) -------
+    def eventfd(self, msg: MsiMessage) -> int:
+        """The vector's irqfd eventfd, routed to ``msg``: whoever writes it interrupts
+        the guest through KVM with no VMM thread on the path. The fd stays this
+        vector's (closed with the chip); the caller dups what it hands on."""
+        if self.irqfd is None:
+            self.irqfd = IrqfdMsi(self.chip.routing)
+        self.route(msg)
+        return self.irqfd.fd
+
+    def route(self, msg: MsiMessage) -> None:
+        """The guest reprogrammed the vector: the route follows it (a message outside
+        the LAPIC window leaves the GSI unrouted, so signals reach no one)."""
+        if self.irqfd is None:
+            return
+        if msg.valid:
+            self.irqfd.route(msg.address, msg.data)
+        else:
+            self.irqfd.unroute()
+
 
 class KernelIrqChip(MsiToKvm):
     def __init__(self, vm: Vm) -> None:

@@ -54,6 +54,11 @@ class GsiRouting:
         self._msi[gsi] = MsiRoute(gsi, address, data)
         self.commit()
 
+    def clear_msi(self, gsi: int) -> None:
+        """No route for ``gsi`` (its irqfd stays bound; a signal then does nothing)."""
+        if self._msi.pop(gsi, None) is not None:
+            self.commit()
+
     def routes(self) -> list[MsiRoute | IrqchipRoute]:
         return [*self._fixed, *self._msi.values()]
 
@@ -79,10 +84,20 @@ class IrqfdMsi:
             raise
 
     def send(self, address: int, data: int) -> None:
+        self.route(address, data)
+        os.eventfd_write(self.fd, 1)
+
+    def route(self, address: int, data: int) -> None:
+        """Route the GSI to this message (a routing commit only when it changed)."""
         if self._routed != (address, data):
             self.routing.set_msi(self.gsi, address, data)
             self._routed = (address, data)
-        os.eventfd_write(self.fd, 1)
+
+    def unroute(self) -> None:
+        """The message became undeliverable: signals of the fd reach no one."""
+        if self._routed is not None:
+            self.routing.clear_msi(self.gsi)
+            self._routed = None
 
     def close(self) -> None:
         """The VM is going away (KVM drops its irqfds and routes with it): close the fd."""

@@ -192,14 +192,15 @@ class Builder:
             pio.insert(Locked(chip.pic.slave, lock), L.PIC_SLAVE, 2, "pic-slave")
             pio.insert(Locked(Elcr(chip.pic), lock), L.ELCR, 2, "elcr")
             m.mmio.insert(Locked(chip.ioapic, lock), L.IOAPIC_BASE, IOAPIC_SIZE, "ioapic")
-            pit = Pit(irq0=chip.line(0).pulse)
+            pit = Pit(irq0=chip.line(0).pulse, acks_irq0=lambda: chip.pic.unmasked(0))
+            chip.pic.on_ack[0] = pit.acked
             pit.timer = self._timer(lock, pit.on_timer)
             pio.insert(Locked(pit, lock), L.PIT_BASE, 4, "pit")
             pio.insert(Locked(Port61(pit), lock), L.PORT61, 1, "port61")
             m.pit = pit
         else:
             m.vm.create_pit2(K.KVM_PIT_SPEAKER_DUMMY)
-        m.rtc = Rtc(irq=chip.line(L.RTC_GSI).pulse, memory_bytes=m.cfg.memory)
+        m.rtc = Rtc(irq=chip.line(L.RTC_GSI), memory_bytes=m.cfg.memory)
         m.rtc.timer = self._timer(lock, m.rtc.on_timer)
         pio.insert(Locked(m.rtc, lock), L.RTC_BASE, 2, "rtc")
 

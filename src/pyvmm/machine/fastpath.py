@@ -1,11 +1,16 @@
 """ioeventfd as a service: a guest write to an address signals an eventfd in the
-kernel (no vCPU exit) and the event loop runs the device's callback."""
+kernel (no vCPU exit) and the event loop runs the device's callback.
+
+A handle's eventfd can also be handed to another process (a vhost-user backend takes
+it as its kick fd): ``detach`` stops the event loop watching it — the guest's write
+then wakes only that process — and ``reattach`` watches it again (after the device's
+reset). The KVM registration is the same in both cases."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyvmm.event import EventManager
 from pyvmm.kvm.vm import Vm
@@ -17,6 +22,7 @@ class Handle:
     addr: int
     length: int
     datamatch: int | None = None
+    ready: Callable[[int, int], None] | None = field(default=None, compare=False)
 
 
 class IoeventfdFastPath:
@@ -38,7 +44,19 @@ class IoeventfdFastPath:
             callback()
 
         self.events.add(fd, ready)
-        return Handle(fd, addr, length, datamatch)
+        return Handle(fd, addr, length, datamatch, ready)
+
+    def detach(self, handle: object) -> int:
+        """Stop watching the handle's eventfd (someone else reads it now); its fd."""
+        assert isinstance(handle, Handle)
+        self.events.remove(handle.fd)
+        return handle.fd
+
+    def reattach(self, handle: object) -> None:
+        """Watch the handle's eventfd again (a no-op if it is watched)."""
+        assert isinstance(handle, Handle) and handle.ready is not None
+        if not self.events.watching(handle.fd):
+            self.events.add(handle.fd, handle.ready)
 
     def remove(self, handle: object) -> None:
         assert isinstance(handle, Handle)

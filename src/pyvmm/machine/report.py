@@ -29,6 +29,7 @@ def exit_report(m: Machine) -> dict[str, Any]:
         "result": None if r is None else {
             "reason": r.reason, "exit_code": r.exit_code, "message": r.message,
             "wall_time_s": r.wall_time, "event_loop_cpu_s": m.event_loop_cpu,
+            "off_vcpu_cpu_s": m.off_vcpu_cpu, "vcpu_thread_cpu_s": m.vcpu_thread_cpu,
         },
         "state": m.state.value,
         "exits": exit_kinds(m.exit_counts),
@@ -70,9 +71,15 @@ def irqchip_report(m: Machine) -> dict[str, Any]:
         rep.update(pic_injected=chip.injected, ioapic_delivered=chip.ioapic.delivered,
                    ioapic_eois=chip.eois, pic_spurious=chip.pic.spurious)
     if m.pit is not None:
-        rep.update(pit_ticks=m.pit.ticks, pit_missed=m.pit.missed, pit_due=m.pit.due.due())
-    rep.update(rtc_periodic=m.rtc.periodic_interrupts, rtc_missed=m.rtc.periodic_missed,
-               rtc_due=m.rtc.periodic_due.due())
+        pit = m.pit
+        rep.update(pit_ticks=pit.ticks, pit_missed=pit.missed, pit_due=pit.due.due(),
+                   pit_periods=pit.periods, pit_reinjected=pit.reinjected,
+                   pit_backlog=pit.backlog, pit_forgiven=pit.forgiven, pit_dropped=pit.dropped)
+    r = m.rtc
+    rep.update(rtc_periodic=r.periodic_interrupts, rtc_missed=r.periodic_missed,
+               rtc_due=r.periodic_due.due(), rtc_periods=r.periodic_periods,
+               rtc_reinjected=r.periodic_reinjected, rtc_backlog=r.backlog,
+               rtc_forgiven=r.periodic_forgiven, rtc_dropped=r.periodic_dropped)
     return rep
 
 

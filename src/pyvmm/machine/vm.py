@@ -123,6 +123,10 @@ class Machine:
         self.vcpu_stuck = False
         self.vcpu_thread: threading.Thread | None = None
         self.event_loop_cpu = 0.0
+        # CPU of the VMM's threads other than the vCPU's during run() (event loop, I/O
+        # pool): host work per request. The vCPU thread's own CPU includes guest time.
+        self.off_vcpu_cpu = 0.0
+        self.vcpu_thread_cpu = 0.0
         self.events = EventManager()
         self.timers: list[TimerFd] = []
         self.closers: list[Callable[[], None]] = []  # devices' host resources
@@ -204,6 +208,7 @@ class Machine:
         self.vcpu_thread = thread
         thread.start()
         deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
+        proc0 = time.process_time()
         try:
             while not self.flags.stopping:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -221,6 +226,7 @@ class Machine:
         assert self.result is not None
         self.result.wall_time = time.monotonic() - t0
         self.event_loop_cpu = time.thread_time() - cpu0  # device work + host I/O
+        self.off_vcpu_cpu = max(0.0, time.process_time() - proc0 - self.vcpu_thread_cpu)
         self.result.exit_counts = report.exit_kinds(self.exit_counts)
         self.serial_io.flush()
         return self.result
@@ -250,6 +256,7 @@ class Machine:
     def _vcpu_thread(self) -> None:
         vcpu = self.vcpu
         vcpu.thread_id = threading.get_ident()
+        cpu0 = time.thread_time()
         try:
             run_vcpu(vcpu, self.pio, self.mmio, self.irqchip, self.exit_counts,
                      self.guest_errors, self.flags, self._slow_exit)
@@ -257,6 +264,8 @@ class Machine:
             self.stop("error", 1, f"KVM_RUN failed: {e}")
         except Exception as e:  # a VMM bug: report it, never hang the caller
             self.stop("error", 1, f"internal error in the vCPU loop: {e!r}")
+        finally:
+            self.vcpu_thread_cpu = time.thread_time() - cpu0  # guest time included
 
     def _slow_exit(self, e: exits.Exit) -> None:
         if isinstance(e, exits.ShutdownExit):

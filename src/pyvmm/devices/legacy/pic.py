@@ -174,6 +174,9 @@ class PicPair:
         self.spurious = 0
         self.master.on_change = self._update
         self.slave.on_change = self._update
+        # Called with the IRQ number at its INTA cycle: a timer that reinjects late
+        # periods waits for this acknowledgement (the PIT on IRQ 0).
+        self.on_ack: dict[int, Callable[[], None]] = {}
 
     def set_irq(self, irq: int, level: bool) -> None:
         if 0 <= irq < 8:
@@ -202,18 +205,35 @@ class PicPair:
             vector = m.irq_base + 7
         else:
             m.intack(irq)
+            acked = irq
             if irq == 2:
                 irq2 = s.pending_irq()
                 if irq2 >= 0:
                     s.intack(irq2)
+                    acked = 8 + irq2
                 else:
                     self.spurious += 1
                     irq2 = 7
+                    acked = -1
                 vector = s.irq_base + irq2
             else:
                 vector = m.irq_base + irq
+            hook = self.on_ack.get(acked)
+            if hook is not None:
+                hook()
         self._update()
         return vector
+
+    def unmasked(self, irq: int) -> bool:
+        """Whether IRQ ``irq`` is a route the guest set up through the pair: the master
+        programmed (ICW2 gave it a vector base; out of reset it has none) and the IRQ
+        not masked, for the slave the cascade too."""
+        m, s = self.master, self.slave
+        if not m.irq_base:
+            return False
+        if irq < 8:
+            return not m.imr & (1 << irq)
+        return bool(s.irq_base) and not m.imr & (1 << 2) and not s.imr & (1 << (irq - 8))
 
 
 class Elcr:

@@ -180,18 +180,32 @@ class PitChannel:
                 | (self.rw_mode << 4) | (self.mode << 1) | int(self.bcd))
 
 
+# Periods owed at most (a second at 8 kHz); beyond, dropped and counted.
+MAX_BACKLOG = 8192
+
+
 class Pit:
     """Ports 0x40-0x43 (insert at 0x40, size 4); ``port61`` is the system control port."""
 
     def __init__(self, irq0: Callable[[], None], timer: Timer | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 acks_irq0: Callable[[], bool] | None = None) -> None:
         self.clock = clock
         self.channels = [PitChannel(clock) for _ in range(3)]
         self.irq0 = irq0
         self.timer: Timer = timer or NullTimer()
         self.speaker = False
-        self.ticks = 0
-        self.missed = 0
+        self.ticks = 0  # IRQ 0 edges raised (reinjected ones too)
+        self.missed = 0  # periods the host timer coalesced
+        # Ack-driven reinjection where the interrupt's acknowledgement can be seen: the
+        # 8259's INTA (``acked``), while ``acks_irq0`` says IRQ 0 is unmasked there. An
+        # IOAPIC edge gives the VMM no acknowledgement, so on that route a late period
+        # stays coalesced (counted in ``missed``).
+        self.acks_irq0 = acks_irq0 or (lambda: False)
+        self.backlog = 0
+        self.reinjected = self.forgiven = self.dropped = 0
+        self.periods = 0  # periods the timer counted
+        self._unacked = False
         self.due = DuePeriods(clock)  # periods owed in modes 2/3 (see DuePeriods)
         self.refresh = False
 
@@ -217,6 +231,8 @@ class Pit:
             if sel == 0 and (value >> 4) & 3:
                 self.timer.set(0)  # a new mode stops the counter until a count is written
                 self.due.stop()
+                self.forgiven += self.backlog  # a reprogrammed counter owes nothing
+                self.backlog = 0
             return
         if self.channels[offset].write(value) and offset == 0:
             self._arm()
@@ -235,9 +251,35 @@ class Pit:
         """Host timer fired (event loop): raise IRQ 0."""
         if expirations <= 0:
             return
-        self.ticks += 1
         self.missed += expirations - 1
+        self.periods += expirations
+        if not self.acks_irq0():
+            self._unacked = False
+            self._raise()  # no acknowledgement to wait for: one edge, the rest coalesced
+            return
+        if self._unacked:
+            self._owe(expirations)  # the last one is not acknowledged yet
+        else:
+            self._owe(expirations - 1)
+            self._raise()
+
+    def _raise(self) -> None:
+        self.ticks += 1
+        self._unacked = True
         self.irq0()
+
+    def _owe(self, n: int) -> None:
+        room = MAX_BACKLOG - self.backlog
+        self.backlog += min(n, room)
+        self.dropped += max(0, n - room)
+
+    def acked(self) -> None:
+        """The interrupt controller took IRQ 0 (the 8259's INTA): raise what is owed."""
+        self._unacked = False
+        if self.backlog:
+            self.backlog -= 1
+            self.reinjected += 1
+            self._raise()
 
     # --- port 0x61 ----------------------------------------------------------------
     def read_port61(self) -> int:

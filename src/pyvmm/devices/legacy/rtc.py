@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from pyvmm.devices.legacy.pit import DuePeriods, NullTimer, Timer
+from pyvmm.irq.line import InterruptLine
 
 RTC_SECONDS, RTC_SECONDS_ALARM, RTC_MINUTES, RTC_MINUTES_ALARM = 0, 1, 2, 3
 RTC_HOURS, RTC_HOURS_ALARM, RTC_DAY_OF_WEEK, RTC_DAY_OF_MONTH = 4, 5, 6, 7
@@ -46,8 +47,20 @@ def _unbcd(v: int) -> int:
     return (v >> 4) * 10 + (v & 0xF)
 
 
+# How many periodic interrupts a guest that fell behind may be owed: one second's worth
+# at the fastest rate. Beyond that, periods are dropped (and counted).
+MAX_BACKLOG = 8192
+
+
 class Rtc:
-    def __init__(self, irq: Callable[[], None], memory_bytes: int = 0,
+    """The MC146818's IRQ output is a level: asserted while REG_C.IRQF is set, released
+    when the guest reads REG_C (which is how a driver acknowledges it). Periods that pass
+    while an interrupt is still unacknowledged, or that the host's timer was late for,
+    are owed: each REG_C read that acknowledges one raises the next at once, until the
+    guest has had every period due (ack-driven reinjection, as KVM's in-kernel PIT does
+    for its EOIs; a backlog over MAX_BACKLOG is dropped and counted)."""
+
+    def __init__(self, irq: InterruptLine, memory_bytes: int = 0,
                  timer: Timer | None = None,
                  now_ns: Callable[[], int] = time.time_ns) -> None:
         self.irq = irq
@@ -59,8 +72,13 @@ class Rtc:
         self.cmos[RTC_REG_A] = 0x26  # 32.768 kHz divider, 1024 Hz rate
         self.cmos[RTC_REG_B] = RTC_24H
         self.cmos[RTC_REG_D] = RTC_VRT
-        self.periodic_interrupts = 0
-        self.periodic_missed = 0
+        self.periodic_interrupts = 0  # periodic interrupts raised (reinjected ones too)
+        self.periodic_missed = 0  # periods the host timer coalesced (owed, not lost)
+        self.periodic_reinjected = 0
+        self.periodic_dropped = 0  # owed past MAX_BACKLOG
+        self.periodic_forgiven = 0  # owed when the guest turned periodic interrupts off
+        self.periodic_periods = 0  # periods the timer counted while PIE was on
+        self.backlog = 0
         self.periodic_due = DuePeriods(time.monotonic_ns)
         self._last_second = -1
         self._set_memory(memory_bytes)
@@ -148,7 +166,12 @@ class Rtc:
         if reg == RTC_REG_C:
             self._check_update()
             v = self.cmos[RTC_REG_C]
-            self.cmos[RTC_REG_C] = 0  # read clears the flags
+            self.cmos[RTC_REG_C] = 0  # read clears the flags and releases the line
+            self.irq.set_level(False)
+            if self.backlog and self.cmos[RTC_REG_B] & RTC_PIE and v & RTC_IRQF:
+                self.backlog -= 1  # this read acknowledged one: the next owed one now
+                self.periodic_reinjected += 1
+                self._raise_periodic()
             return v
         return self.cmos[reg]
 
@@ -168,6 +191,9 @@ class Rtc:
             self._arm()
         elif reg == RTC_REG_B:
             self.cmos[reg] = value
+            if not value & RTC_PIE:
+                self.periodic_forgiven += self.backlog  # off: nothing is owed any more
+                self.backlog = 0
             self._arm()
         elif reg in (RTC_REG_C, RTC_REG_D):
             pass  # read-only
@@ -218,20 +244,30 @@ class Rtc:
             raised |= self.cmos[RTC_REG_B] & RTC_AIE
         return bool(raised)
 
+    def _raise_periodic(self) -> None:
+        self.cmos[RTC_REG_C] |= RTC_PF | RTC_IRQF
+        self.periodic_interrupts += 1
+        self.irq.set_level(True)
+
+    def _owe(self, n: int) -> None:
+        room = MAX_BACKLOG - self.backlog
+        self.backlog += min(n, room)
+        self.periodic_dropped += max(0, n - room)
+
     def on_timer(self, expirations: int) -> None:
         if expirations <= 0:
             return
-        fire = False
         b = self.cmos[RTC_REG_B]
         if b & RTC_PIE:
-            self.cmos[RTC_REG_C] |= RTC_PF
-            self.periodic_interrupts += 1
-            # Periods the event loop was too late for: one edge covers them (the
-            # interrupt controller would coalesce them anyway), and they are counted.
+            # Periods the event loop was too late for are owed, as is this one if the
+            # guest has not acknowledged the last interrupt yet (IRQF still set).
             self.periodic_missed += expirations - 1
-            fire = True
+            self.periodic_periods += expirations
+            if self.cmos[RTC_REG_C] & RTC_IRQF:
+                self._owe(expirations)
+            else:
+                self._owe(expirations - 1)
+                self._raise_periodic()
         if b & (RTC_UIE | RTC_AIE) and self._check_update():
-            fire = True
-        if fire:
             self.cmos[RTC_REG_C] |= RTC_IRQF
-            self.irq()
+            self.irq.set_level(True)

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyvmm.backends.block import BlockBackend, RawBlockBackend
+from pyvmm.backends.block import BlockBackend
 from pyvmm.devices.nvme import pages
 from pyvmm.devices.nvme.queues import (
     CMD_SIZE,
@@ -41,12 +41,11 @@ from pyvmm.devices.nvme.queues import (
 from pyvmm.devices.pci.config_space import PCIConfigSpace
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.msix import MsixCapability
-from pyvmm.devices.spec import DeviceConfig, DeviceSpec, HostContext, Kind
+from pyvmm.devices.spec import DeviceSpec, DiskConfig, HostContext, Kind
 from pyvmm.errors import GuestMemoryError
 from pyvmm.irq.msi import MsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
-from pyvmm.schema import option
 from pyvmm.uapi import nvme as N
 from pyvmm.uapi import pci as P
 
@@ -443,27 +442,13 @@ class NvmeController(PCIDevice):
 
 # --- registry entry ---------------------------------------------------------------------
 @dataclass(kw_only=True)
-class NvmeConfig(DeviceConfig):
-    path: str = option(doc="raw disk image (namespace 1)", metavar="IMG")
-    readonly: bool = option(False, "a write-protected namespace")
-
-    serial: str | None = option(None, "the serial number the driver reads (20 ASCII "
-                                "characters at most; default pyvmm-nvme<index>)")
-
-    def check(self) -> None:
-        if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
-                                        or not self.serial.isprintable()):
-            raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")
-
-    def validate(self) -> None:
-        """Before the VM is built: the image opens as asked (one-line error if not)."""
-        RawBlockBackend(self.path, self.readonly).close()
+class NvmeConfig(DiskConfig):
+    """A raw image as namespace 1 (write-protected when read-only)."""
 
 
 def create(cfg: NvmeConfig, ctx: HostContext) -> NvmeController:
-    be = RawBlockBackend(cfg.path, cfg.readonly)
-    ctx.on_close(be.close)
-    return NvmeController(be, ctx.mem, ctx.msi, serial=cfg.serial or f"pyvmm-nvme{ctx.index}")
+    return NvmeController(cfg.open(ctx), ctx.mem, ctx.msi,
+                          serial=cfg.serial or f"pyvmm-nvme{ctx.index}")
 
 
 SPEC = DeviceSpec("nvme", NvmeConfig, Kind.PCI, create,

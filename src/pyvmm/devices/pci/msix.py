@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable
 
 from pyvmm.devices.pci.config_space import PCIConfigSpace
-from pyvmm.irq.msi import MsiMessage, MsiSink, vector_sinks
+from pyvmm.irq.msi import EventfdSink, MsiMessage, MsiSink, vector_sinks
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import pci as P
 
@@ -39,6 +39,8 @@ class MsixCapability:
         # Set when the device is exported (vfio-user): the client emulates the table and
         # hands us one eventfd per vector, so a trigger goes straight to it.
         self.direct: Callable[[int], bool] | None = None
+        # Vectors whose eventfd was handed out (``irqfd``): their route follows the table.
+        self._exported: set[int] = set()
         body = struct.pack("<HII", vectors - 1, table_offset | bar, self.pba_offset | bar)
         wmask = struct.pack("<HII", P.PCI_MSIX_FLAGS_ENABLE | P.PCI_MSIX_FLAGS_MASKALL, 0, 0)
         self.off = config.add_capability(P.PCI_CAP_ID_MSIX, body, wmask, self._on_cfg_write)
@@ -86,6 +88,27 @@ class MsixCapability:
         self._sinks[n].send_msi(self.message(n))
         return True
 
+    def irqfd(self, n: int) -> int | None:
+        """The eventfd that raises vector ``n`` through KVM when written (its irqfd),
+        routed to the entry's current message, or None where the chip has none
+        (``--msi signal``, a test sink, a vfio-user export). From now on the route
+        follows the table entry. **Not honoured:** the entry's and the function's mask —
+        a writer of the eventfd interrupts a masked vector (docs/devices/
+        vhost-user-frontend.md: QEMU detaches the irqfd while masked; pyvmm does not)."""
+        if self.direct is not None or not 0 <= n < self.vectors:
+            return None
+        sink = self._sinks[n]
+        if not isinstance(sink, EventfdSink):
+            return None
+        self._exported.add(n)
+        return sink.eventfd(self.message(n))
+
+    def _reroute(self, first: int, last: int) -> None:
+        for n in range(first, last + 1):
+            sink = self._sinks[n]
+            if n in self._exported and isinstance(sink, EventfdSink):
+                sink.route(self.message(n))
+
     def _deliver_pending(self) -> None:
         if not self.enabled:
             return
@@ -122,6 +145,8 @@ class MsixCapability:
             self._bad("write", offset, size)  # PBA is read-only; other offsets are not ours
             return
         self.table[rel:rel + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if self._exported and rel % 16 < 12:  # address or data of a handed-out vector
+            self._reroute(rel // 16, (rel + size - 1) // 16)
         # Writes reaching a vector control word may unmask that vector.
         if (rel % 16) + size > 12:
             self._deliver_pending()

@@ -23,14 +23,13 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from pyvmm.backends.block import BlockBackend, RawBlockBackend, skip_buffers
+from pyvmm.backends.block import BlockBackend, skip_buffers
 from pyvmm.backends.io_pool import IoPool
-from pyvmm.devices.spec import DeviceSpec, HostContext, Kind, VirtioConfig
+from pyvmm.devices.spec import DeviceSpec, DiskConfig, HostContext, Kind, VirtioConfig
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
-from pyvmm.schema import option
 from pyvmm.uapi import virtio as V
 
 SEG_MAX = 126
@@ -324,27 +323,13 @@ class VirtioBlk(VirtioDevice):
 
 # --- registry entry ---------------------------------------------------------------------
 @dataclass(kw_only=True)
-class BlkConfig(VirtioConfig):
-    path: str = option(doc="raw disk image", metavar="IMG")
-    readonly: bool = option(False, "serve the image read-only (VIRTIO_BLK_F_RO)")
-
-    serial: str | None = option(None, "the serial number the driver reads (20 ASCII "
-                                "characters at most; default pyvmm-disk<index>)")
-
-    def check(self) -> None:
-        if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
-                                        or not self.serial.isprintable()):
-            raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")
-
-    def validate(self) -> None:
-        """Before the VM is built: the image opens as asked (one-line error if not)."""
-        RawBlockBackend(self.path, self.readonly).close()
+class BlkConfig(VirtioConfig, DiskConfig):
+    """A raw image behind virtio-blk (VIRTIO_BLK_F_RO when read-only)."""
 
 
 def create(cfg: BlkConfig, ctx: HostContext) -> VirtioBlk:
-    be = RawBlockBackend(cfg.path, cfg.readonly)
-    ctx.on_close(be.close)
-    return VirtioBlk(be, serial=cfg.serial or f"pyvmm-disk{ctx.index}", pool=ctx.io_pool())
+    return VirtioBlk(cfg.open(ctx), serial=cfg.serial or f"pyvmm-disk{ctx.index}",
+                     pool=ctx.io_pool())
 
 
 SPEC = DeviceSpec("virtio-blk", BlkConfig, Kind.VIRTIO, create,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pyvmm.devices.virtio.queue import (
     DescriptorChain,
@@ -23,7 +23,7 @@ from pyvmm.devices.virtio.queue import (
     VirtqueueError,
     start_queue,
 )
-from pyvmm.errors import GuestMemoryError
+from pyvmm.errors import BackendError, GuestMemoryError
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import virtio as V
@@ -33,6 +33,26 @@ class VirtioInterrupt(Protocol):
     def signal_queue(self, vq: Virtqueue) -> None: ...
 
     def signal_config(self) -> None: ...
+
+
+@runtime_checkable
+class QueueEventfds(Protocol):
+    """What a transport can offer a device whose queues another process serves (a
+    vhost-user front end): the eventfds the guest's notifications and the queues'
+    interrupts already pass through in KVM, so that process uses them directly and
+    no VMM thread is on the per-request path. Both return a new fd the caller owns."""
+
+    def notify_fd(self, queue: int) -> int | None:
+        """A dup of the eventfd KVM signals when the guest notifies ``queue`` (its
+        ioeventfd), or None without one. The VMM stops watching that eventfd until the
+        device is reset (a notification that still exits reaches ``process_queue``)."""
+        ...
+
+    def interrupt_fd(self, queue: int) -> int | None:
+        """A dup of an eventfd that, written, interrupts the guest for ``queue`` through
+        KVM (the irqfd of its MSI-X vector), or None where the VMM must raise the
+        interrupt itself (INTx, virtio-mmio's interrupt status, no vector, --msi signal)."""
+        ...
 
 
 class VirtioDevice:
@@ -201,7 +221,11 @@ class VirtioCore:
             except VirtqueueError as e:
                 self.needs_reset(f"queue {i}: {e}")
                 return
-        self.device.activate(self.mem, vqs, self.irq)
+        try:
+            self.device.activate(self.mem, vqs, self.irq)
+        except Exception as e:  # a device whose start failed (its backend, say) never runs
+            self.fault(0, e)
+            return
         self.active = True
 
     def memory_removed(self, start: int, size: int) -> None:
@@ -259,10 +283,11 @@ class VirtioCore:
 
     def fault(self, index: int, e: Exception) -> None:
         """Every exception out of device work (kick or host event) ends here: a guest's
-        broken ring or address is what NEEDS_RESET is for; anything else is a VMM bug,
+        broken ring or address is what NEEDS_RESET is for, and so is a backend process
+        that broke the protocol or went away (``BackendError``); anything else is a VMM bug,
         contained the same way (the device's state may be half updated, so it stops
         until the driver resets it) and counted."""
-        if isinstance(e, VirtqueueError | GuestMemoryError):
+        if isinstance(e, VirtqueueError | GuestMemoryError | BackendError):
             self.needs_reset(f"queue {index}: {e}")
             return
         self.bugs += 1

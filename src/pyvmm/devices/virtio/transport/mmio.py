@@ -3,7 +3,10 @@
 Registers as the spec names them; device configuration from 0x100. QueueNotify
 (0x050) takes the queue index; with the fast path, one ioeventfd per queue with a
 datamatch on the index, so kicks never exit. The interrupt is the slot's GSI, held
-high while InterruptStatus is non-zero and dropped by InterruptACK.
+high while InterruptStatus is non-zero and dropped by InterruptACK. A device whose
+queues another process serves (vhost-user) may take a queue's ioeventfd
+(``notify_fd``); its interrupts still need the VMM, to set InterruptStatus
+(``interrupt_fd`` gives none).
 
 What a malicious driver can do: write any register. Unknown offsets and wrong widths
 (registers are 32-bit; config space takes 1/2/4) are ignored and counted; queue
@@ -14,6 +17,7 @@ at DRIVER_OK (-> DEVICE_NEEDS_RESET).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 from pyvmm.devices.virtio.core import VirtioCore, VirtioDevice
@@ -42,6 +46,7 @@ class VirtioMmioDevice:
         self.dfsel = self.gfsel = self.queue_sel = 0
         self.int_status = 0
         self._handles: list[object] = []
+        self._handed: set[int] = set()  # queues whose ioeventfd a device took
 
     def attach(self, base: int) -> None:
         """Register the per-queue ioeventfds once the slot's address is known."""
@@ -51,6 +56,24 @@ class VirtioMmioDevice:
             self._handles.append(self.fast_path.add(
                 base + V.VIRTIO_MMIO_QUEUE_NOTIFY, 4, functools.partial(self.core.notify, q),
                 datamatch=q))
+
+    # --- QueueEventfds: for a device whose queues another process serves ----------------
+    def notify_fd(self, queue: int) -> int | None:
+        fp = self.fast_path
+        if fp is None or not 0 <= queue < len(self._handles):
+            return None
+        fd = os.dup(fp.detach(self._handles[queue]))
+        self._handed.add(queue)
+        return fd
+
+    def interrupt_fd(self, queue: int) -> int | None:
+        return None  # InterruptStatus must say why the line is up: the VMM raises it
+
+    def _reclaim_notify(self) -> None:
+        if self.fast_path is not None:
+            for q in self._handed:
+                self.fast_path.reattach(self._handles[q])
+        self._handed.clear()
 
     # --- VirtioInterrupt ----------------------------------------------------------------
     def signal_queue(self, vq: Virtqueue) -> None:
@@ -135,6 +158,7 @@ class VirtioMmioDevice:
             if value == 0:
                 self.int_status = 0
                 self.line.set_level(False)
+                self._reclaim_notify()
         elif offset in _QUEUE_REGS:
             if q is None or core.status & V.VIRTIO_CONFIG_S_DRIVER_OK:
                 self._bad("queue register write after DRIVER_OK or for no queue", offset, 4)

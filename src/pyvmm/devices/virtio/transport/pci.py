@@ -10,7 +10,10 @@ when the driver enables it, else by INTx with the ISR byte (read-to-clear).
 Notifications: when BAR 0 is mapped, each queue's notify address gets an ioeventfd,
 so a guest kick never exits to the VMM; the event loop runs the device. Without one
 (a unit test, or a host without the capability), the write exits and is handed to
-the event loop the same way.
+the event loop the same way. A device whose queues another process serves (vhost-user)
+may take a queue's ioeventfd and its MSI-X vector's irqfd (``notify_fd``,
+``interrupt_fd``): then neither a kick nor its interrupt passes through the VMM. The
+event loop watches the ioeventfd again once the driver resets the device.
 
 What a malicious driver can do: write any register at any width. Accesses that do
 not match a field are ignored (reads return 0) and counted; queue selection beyond
@@ -21,6 +24,7 @@ DRIVER_OK by the core, which answers mistakes with DEVICE_NEEDS_RESET.
 from __future__ import annotations
 
 import functools
+import os
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -53,6 +57,12 @@ class NotifyFastPath(Protocol):
 
     def remove(self, handle: object) -> None: ...
 
+    def detach(self, handle: object) -> int:
+        """Stop running the callback (another process reads the eventfd); the fd."""
+        ...
+
+    def reattach(self, handle: object) -> None: ...
+
 
 def _immediate(fn: Callable[[], None]) -> None:
     fn()
@@ -76,6 +86,7 @@ class VirtioPciDevice(PCIDevice):
         self.isr = 0
         self.interrupts = 0
         self._notify_handles: list[object] = []
+        self._handed: set[int] = set()  # queues whose ioeventfd a device took
         nq = len(device.queue_max_sizes)
         c = self.config = PCIConfigSpace(
             V.PCI_VENDOR_ID_REDHAT_QUMRANET,
@@ -123,6 +134,29 @@ class VirtioPciDevice(PCIDevice):
         self.isr |= V.VIRTIO_PCI_ISR_CONFIG
         self.set_intx(True)
 
+    # --- QueueEventfds: for a device whose queues another process serves ------------------
+    def notify_fd(self, queue: int) -> int | None:
+        fp = self.fast_path
+        if fp is None or not 0 <= queue < len(self._notify_handles):
+            return None
+        fd = os.dup(fp.detach(self._notify_handles[queue]))
+        self._handed.add(queue)
+        return fd
+
+    def interrupt_fd(self, queue: int) -> int | None:
+        if not self.msix.enabled or not 0 <= queue < len(self.core.queues):
+            return None  # INTx: the ISR byte needs the VMM
+        fd = self.msix.irqfd(self.core.queues[queue].msix_vector)  # None for NO_VECTOR
+        return None if fd is None else os.dup(fd)
+
+    def _reclaim_notify(self) -> None:
+        """The device was reset: the event loop watches the handed-over ioeventfds again."""
+        if self.fast_path is not None:
+            for q in self._handed:
+                if q < len(self._notify_handles):
+                    self.fast_path.reattach(self._notify_handles[q])
+        self._handed.clear()
+
     # --- the PCI configuration access capability ----------------------------------------
     def _cfg_window(self, offset: int, size: int) -> tuple[int, int, int] | None:
         """(bar, bar offset, length) if this access is to pci_cfg_data and the window the
@@ -161,6 +195,9 @@ class VirtioPciDevice(PCIDevice):
         for h in self._notify_handles:
             self.fast_path.remove(h)
         self._notify_handles = []
+        # A device holding the old eventfds keeps its dups; the guest's kicks at the new
+        # address are watched by the event loop and reach it through process_queue.
+        self._handed.clear()
         if new is None:
             return
         for q in range(len(self.core.queues)):
@@ -251,6 +288,7 @@ class VirtioPciDevice(PCIDevice):
                 self.msix_config = V.VIRTIO_MSI_NO_VECTOR
                 self.isr = 0
                 self.set_intx(False)
+                self._reclaim_notify()
         elif (off, size) == (V.VIRTIO_PCI_COMMON_Q_SELECT, 2):
             self.queue_sel = value
         elif (off, size) in _QUEUE_FIELDS:
@@ -278,6 +316,7 @@ class VirtioPciDevice(PCIDevice):
     def reset(self) -> None:
         with self.core.lock:
             self.core.set_status(0)
+            self._reclaim_notify()
 
     def dma_unmapped(self, start: int, size: int) -> None:
         self.core.memory_removed(start, size)
