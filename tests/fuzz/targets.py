@@ -24,6 +24,9 @@ from pathlib import Path
 
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.bus import IoBus, MmioBus
+from pyvmm.devices.emulated.ide import controller as ide_spec
+from pyvmm.devices.emulated.ide.controller import PiixIde
+from pyvmm.devices.emulated.ide.disk import AtaDisk
 from pyvmm.devices.legacy.fw_cfg import FwCfg
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.ioapic import IoApic
@@ -431,6 +434,53 @@ def _nvme_registers(data: bytes) -> None:
 
 
 # --- protocol codecs and loaders ---------------------------------------------------------
+def ide(data: bytes) -> None:
+    """The PIIX3 IDE function with a disk, at its legacy ports and BMIBA as the builder
+    places them, over fuzzer-filled memory where the PRD tables and buffers may be:
+    register accesses of any width (the engine's table pointer, start bit and the
+    command register among them), whole sectors through the Data register so data
+    phases complete, and config writes (decode, BMIBA, bus mastering). Every read must
+    fit its access; nothing may raise."""
+    mem = fresh_ram()
+    mem.write(0x10000, data[:4096])  # PRD tables the pointer is steered to
+    be = RawBlockBackend(_image())
+    try:
+        dev = PiixIde(mem, (RecordingLine(), RecordingLine()))
+        dev.attach(0, 0, AtaDisk(be, 0, serial="FUZZ", model="M", firmware="1",
+                                 errors=dev.errors))
+        pio, mmio = IoBus(), MmioBus()
+        for rng in ide_spec.SPEC.isa:
+            pio.insert(dev, rng.base, rng.size, rng.name)
+        root = build_pci(pio, mmio, mem, RecordingMsiSink(), False, [dev])
+        bm = dev.config.bar_address(4)
+        ports = [*range(0x1F0, 0x1F8), 0x3F6, 0x170, 0x177, 0x376, *range(bm, bm + 16)]
+        r = Reader(data[4096:] if len(data) > 4096 else data)
+        for _ in range(256):
+            if not r.left():
+                return
+            kind, size = r.int(1) % 8, (1, 2, 4)[r.int(1) % 3]
+            if kind == 0:  # a PRD table in the fuzzer's bytes
+                pio.write(bm + 4 + 8 * (r.int(1) & 1), 4, 0x10000 + (r.int(2) & 0xFF8))
+            elif kind == 1:  # a whole sector through the Data register
+                write, value = bool(r.int(1) & 1), r.int(2)
+                for _ in range(256):
+                    if write:
+                        pio.write(0x1F0, 2, value)
+                    else:
+                        pio.read(0x1F0, 2)
+            elif kind == 2:
+                off = (4, 0x40, 0x20)[r.int(1) % 3]
+                root.config_write(0, 2, 0, off, 2, r.int(2))
+            else:
+                port = ports[r.int(1) % len(ports)]
+                if r.int(1) & 1:
+                    pio.write(port, size, r.int(size))
+                elif not 0 <= (v := pio.read(port, size)) < 1 << (8 * size):
+                    raise Finding(f"ide read {v:#x} for a {size}-byte access")
+    finally:
+        be.close()
+
+
 def vhost_user_codec(data: bytes) -> None:
     try:
         req, flags, size = vu.decode_header(data[:12])
@@ -605,7 +655,7 @@ TARGETS: dict[str, Target] = {
     "virtio_mmio_regs": virtio_mmio_regs, "nvme": nvme, "vhost_user_codec": vhost_user_codec,
     "config_json": config_json, "image_loader": image_loader,
     "vhost_user_session": vhost_user_session, "vfio_user_session": vfio_user_session,
-    "vhost_user_frontend": vhost_user_frontend,
+    "vhost_user_frontend": vhost_user_frontend, "ide": ide,
 }
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -630,6 +680,24 @@ def _frontend_seed() -> bytes:
             + reply(vu.Request.GET_FEATURES, struct.pack("<Q", feats)))  # the round trip
 
 
+def _ide_seed() -> bytes:
+    """A PRD table of one 512-byte entry with EOT, then: bus mastering on, the table
+    pointer, READ DMA of one sector at LBA 1, the engine started to memory; and a READ
+    SECTORS drained."""
+    table = struct.pack("<IHH", 0x20000, 512, 0x8000).ljust(4096, b"\0")
+    ports = [*range(0x1F0, 0x1F8), 0x3F6, 0x170, 0x177, 0x376]  # as in ide(), then BMIBA
+
+    def out(port_index: int, value: int) -> bytes:  # kind 3, 1-byte write
+        return bytes((3, 0, port_index, 1, value))
+
+    ops = bytes((2, 0, 0, 5, 0))  # kind 2: PCI_COMMAND = I/O space + bus master
+    ops += bytes((0, 0, 0, 0, 0))  # kind 0: BMIDTPX of channel 0 = 0x10000
+    ops += out(6, 0xE0) + out(2, 1) + out(3, 1) + out(4, 0) + out(5, 0) + out(7, 0xC8)
+    ops += out(len(ports), 0x09)  # BMICX: start, to memory
+    ops += out(7, 0x20) + bytes((1, 0, 0, 0, 0))  # READ SECTORS, then drain the block
+    return table + ops
+
+
 def seeds() -> dict[str, list[bytes]]:
     """A few meaningful inputs per target, so the fuzzer starts inside the protocols."""
     hdr = struct.pack("<IIQ", 1, 0, 0)  # virtio-blk OUT of sector 0
@@ -649,4 +717,5 @@ def seeds() -> dict[str, list[bytes]]:
         "uart": [bytes([0, 3, 1, 0x41, 5, 0]) * 8],
         "vhost_user_frontend": [_frontend_seed()],
         "pci": [bytes([0, 2, 0, 1, 0, 0, 0, 0x80]) * 8],
+        "ide": [_ide_seed()],
     }
