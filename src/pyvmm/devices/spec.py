@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.schema import option
@@ -86,8 +86,7 @@ class DiskConfig(DeviceConfig):
         return be
 
 
-@dataclass(frozen=True)
-class IsaRange:
+class IsaRange(NamedTuple):
     space: str  # "pio" or "mmio"
     base: int
     size: int
@@ -126,8 +125,9 @@ class HostContext(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class DeviceSpec:
+class DeviceSpec(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: every device module makes one at import,
+    # and start-up is measured (a dataclass's class creation costs ~0.4 ms each).
     name: str
     config: type[DeviceConfig]
     kind: Kind
