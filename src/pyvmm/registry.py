@@ -9,12 +9,12 @@ Tests may pass a longer tuple of their own to ``MachineConfig`` and ``Machine``.
 
 from __future__ import annotations
 
-from pyvmm.devices.emulated.ide import controller as ide
+from pyvmm.devices.emulated.ide import spec as ide
 from pyvmm.devices.legacy import fw_cfg
 from pyvmm.devices.nvme import controller as nvme
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.devices.virtio import blk, console, net, rng
-from pyvmm.vhost_user import frontend as vhost_user
+from pyvmm.vhost_user import spec as vhost_user
 
 DEVICES: tuple[DeviceSpec, ...] = (
     blk.SPEC,

@@ -57,13 +57,25 @@ def listen_unix(path: str, what: str, backlog: int = 4
             raise ConfigError(f"{what} {path}: another process is listening there")
         finally:
             probe.close()
+    # Bound and listening under a temporary name first, then renamed into place: the
+    # path appears only once connections are accepted (a client that connects as soon
+    # as it sees the path must not be refused), and it replaces nothing: the check
+    # above already refused anything that was there.
+    tmp = f"{path}.{os.getpid()}~"
+    if len(os.fsencode(tmp)) > SUN_PATH_MAX:
+        tmp = path  # no room for the suffix: bind in place (a short window, no harm)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.bind(path)
-        st = os.lstat(path)
+        s.bind(tmp)
         s.listen(backlog)
+        if tmp != path:
+            os.rename(tmp, path)
+        st = os.lstat(path)
     except OSError as e:
         s.close()
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise ConfigError(f"{what} {path}: {e.strerror or e}") from None
     return s, (st.st_dev, st.st_ino)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.bus import IoBus, MmioBus
-from pyvmm.devices.emulated.ide import controller as ide_spec
+from pyvmm.devices.emulated.ide import spec as ide_spec
 from pyvmm.devices.emulated.ide.controller import PiixIde
 from pyvmm.devices.emulated.ide.disk import AtaDisk
 from pyvmm.devices.legacy.fw_cfg import FwCfg

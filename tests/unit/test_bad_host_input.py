@@ -59,7 +59,7 @@ CASES: list[tuple[list[str], str]] = [
     (["--kernel", "missing.elf"], "kernel file not found"),
     (["--kernel", "sub"], "is a directory"),
     (["--kernel", "precious.txt"], "not an ELF or multiboot image"),
-    (["--kernel", "elf-bad.elf"], "ELF for 65535, not x86"),
+    (["--kernel", "elf-bad.elf"], "ELF for machine 65535, not x86"),
     (["--kernel", "elf-trunc.elf"], "malformed ELF"),
     (["--kernel", "x" * 300], "File name too long"),
     (["--kernel", "hello.elf", "--load-addr", "0x7fffffffffff"], "does not fit in guest memory"),

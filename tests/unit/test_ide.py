@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.bus import IoBus, MmioBus
-from pyvmm.devices.emulated.ide import controller as ide
+from pyvmm.devices.emulated.ide import spec as ide
 from pyvmm.devices.emulated.ide.busmaster import PrdCursor
 from pyvmm.devices.emulated.ide.controller import MODEL, PiixIde
 from pyvmm.devices.emulated.ide.disk import AtaDisk

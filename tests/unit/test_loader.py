@@ -118,3 +118,42 @@ def test_e820_map_and_boot_structures(mem: GuestMemory) -> None:
     write_multiboot_info(mem, 0x6800, 0x7000, 0x6900, e820)
     flags, lower, upper = struct.unpack("<III", mem.read(0x6800, 12))
     assert flags & 0x45 == 0x45 and lower == 639 and upper == 15 * 1024
+
+
+def test_the_loaders_elf_reading_agrees_with_pyelftools(guests: Path) -> None:
+    """The loader reads ELF itself (start-up cost); pyelftools is the reference."""
+    from elftools.elf.elffile import ELFFile
+
+    from pyvmm.loader.image import _elf_segments, _pvh_entry
+
+    for elf in sorted(guests.glob("*.elf")):
+        data = elf.read_bytes()
+        cls, machine, entry, segs = _elf_segments(data, str(elf))
+        with elf.open("rb") as f:
+            ref = ELFFile(f)
+            assert (cls == 2) == (ref.elfclass == 64) and entry == ref["e_entry"]
+            assert machine == 62 and ref["e_machine"] == "EM_X86_64"
+            want = [(s["p_type"], s["p_offset"], s["p_paddr"], s["p_filesz"], s["p_memsz"])
+                    for s in ref.iter_segments()]
+            names = {"PT_LOAD": 1, "PT_NOTE": 4}
+            got = [(t, s.offset, s.paddr, s.filesz, s.memsz) for t, s in
+                   ((next((k for k, v in names.items() if v == s.type), s.type), s)
+                    for s in segs)]
+            assert [g for g in got if g[0] in names] == [w for w in want if w[0] in names]
+            notes = [n for s in ref.iter_segments() if s["p_type"] == "PT_NOTE"
+                     for n in s.iter_notes()]
+            pvh = [n for n in notes if n["n_name"] == "Xen" and n["n_type"] == 18]
+            mine = [_pvh_entry(data, s, str(elf)) for s in segs if s.type == 4]
+            if pvh:
+                d = pvh[0]["n_descdata"]
+                d = d.encode("latin-1") if isinstance(d, str) else bytes(d)
+                assert int.from_bytes(d[:8], "little") in mine
+
+
+@pytest.mark.parametrize("cut", [7, 30, 63, 64, 100, 200])
+def test_truncated_elf_is_a_loader_error(guests: Path, mem: GuestMemory, tmp_path: Path,
+                                         cut: int) -> None:
+    k = tmp_path / "cut.elf"
+    k.write_bytes((guests / "hello.elf").read_bytes()[:cut])
+    with pytest.raises(LoaderError):
+        load_kernel(k, mem)

@@ -11,26 +11,21 @@ transfers need PCI_COMMAND's bus-master enable: a transfer started without it wa
 and runs when the guest sets it.
 
 Disks attach by position (channel, unit); every ``--disk ...,if=ide`` entry of a
-machine attaches to the one function (``HostContext.shared``).
+machine attaches to the one function (``HostContext.shared``; the registry entry is in
+``spec.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from pyvmm import __version__
-from pyvmm.backends.block import RawBlockBackend
 from pyvmm.devices.emulated.ide.busmaster import BusMaster
 from pyvmm.devices.emulated.ide.channel import IdeChannel
 from pyvmm.devices.emulated.ide.disk import AtaDisk
 from pyvmm.devices.pci.config_space import BarChange, PCIConfigSpace
 from pyvmm.devices.pci.device import PCIDevice
-from pyvmm.devices.spec import DeviceConfig, DeviceSpec, HostContext, IsaRange, Kind
 from pyvmm.errors import ConfigError
 from pyvmm.irq.line import InterruptLine
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
-from pyvmm.schema import option
 from pyvmm.uapi import ata as A
 from pyvmm.uapi import pci as P
 
@@ -121,51 +116,3 @@ class PiixIde(PCIDevice):
             ch.write_cmd(offset, size, value)
         else:
             ch.write_ctl(size, value)
-
-
-# --- registry entry ---------------------------------------------------------------------
-@dataclass(kw_only=True)
-class IdeConfig(DeviceConfig):
-    path: str = option(doc="raw disk image", metavar="IMG")
-    bus: int = option(0, "channel: 0 primary (ports 0x1f0/0x3f6, IRQ 14), 1 secondary "
-                      "(0x170/0x376, IRQ 15)")
-    unit: int = option(0, "position on the channel: 0 (device 0, master) or 1 (device 1, "
-                       "slave)")
-    readonly: bool = option(False, "a read-only image: write commands end with ABRT")
-    serial: str | None = option(None, "the IDENTIFY serial number (20 printable ASCII "
-                                "characters at most; default PYVMM-IDE-<bus><unit>)")
-
-    def check(self) -> None:
-        if self.bus not in (0, 1):
-            raise ValueError(f"bus {self.bus}: 0 (primary) or 1 (secondary)")
-        if self.unit not in (0, 1):
-            raise ValueError(f"unit {self.unit}: 0 or 1")
-        if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
-                                        or not self.serial.isprintable()):
-            raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")
-
-    def validate(self) -> None:
-        """Before the VM is built: the image opens as asked (one-line error if not)."""
-        RawBlockBackend(self.path, self.readonly).close()
-
-
-def create(cfg: IdeConfig, ctx: HostContext) -> PiixIde:
-    """Every IDE disk of a machine attaches to one PIIX function, made by the first."""
-    ctrl = ctx.shared("piix-ide", lambda: PiixIde(ctx.mem, (ctx.line(0), ctx.line(1))))
-    ctrl.check_free(cfg.bus, cfg.unit)  # before the image is opened (and locked)
-    be = RawBlockBackend(cfg.path, cfg.readonly)
-    ctx.on_close(be.close)
-    ctrl.attach(cfg.bus, cfg.unit, AtaDisk(
-        be, cfg.unit, serial=cfg.serial or f"PYVMM-IDE-{cfg.bus}{cfg.unit}", model=MODEL,
-        firmware=__version__, errors=ctrl.errors))
-    return ctrl
-
-
-SPEC = DeviceSpec("ide", IdeConfig, Kind.PCI, create,
-                  "IDE/ATA disk on a PIIX3 IDE function (legacy ports, bus-master DMA)",
-                  option="disk", select=("if", "ide"), positional="path",
-                  isa=(IsaRange("pio", A.ATA_PRIMARY_CMD, 8, "pri"),
-                       IsaRange("pio", A.ATA_PRIMARY_CTL, 1, "pri-ctl"),
-                       IsaRange("pio", A.ATA_SECONDARY_CMD, 8, "sec"),
-                       IsaRange("pio", A.ATA_SECONDARY_CTL, 1, "sec-ctl")),
-                  gsi=(A.ATA_PRIMARY_IRQ, A.ATA_SECONDARY_IRQ), exportable=False, doc="ide")
