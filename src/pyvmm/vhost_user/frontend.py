@@ -562,6 +562,15 @@ class VhostUserFrontend(VirtioDevice):
             assert ch is not None
             if ch.get_u64(Request.GET_FEATURES) != self.backend_features:  # the barrier
                 raise BackendError("changed its features while running")
+        if resume:
+            # Requests the guest made available before (or while) the predecessor died
+            # wait in the rings, and the guest may not kick again (it is waiting for
+            # their completions): kick each resumed ring once so the successor looks
+            # (as QEMU does at vhost-user-blk start; a spurious kick costs one ring check).
+            for i in started:
+                resumed = self._rings[i]
+                assert resumed is not None
+                os.eventfd_write(resumed.kick, 1)
 
     def _uaddr(self, gpa: int) -> int:
         """The user address in this process of a guest-physical address (the
