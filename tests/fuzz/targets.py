@@ -239,11 +239,14 @@ _IMAGE: list[str] = []
 
 
 def _image() -> str:
+    """A 1 MiB image for the disk targets: unlinked at once and reopened through
+    /proc/self/fd, so no run (libFuzzer ends the process with exit(), past any Python
+    clean-up) leaves a file behind."""
     if not _IMAGE:
         fd, path = tempfile.mkstemp(prefix="pyvmm-fuzz-", suffix=".img")
         os.ftruncate(fd, 1 << 20)
-        os.close(fd)
-        _IMAGE.append(path)
+        os.unlink(path)
+        _IMAGE.append(f"/proc/self/fd/{fd}")
     return _IMAGE[0]
 
 
