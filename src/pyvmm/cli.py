@@ -14,7 +14,7 @@ from pyvmm import schema
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.errors import ConfigError, KvmError, KvmUnavailable, PvmProbeError, PyvmmError
 from pyvmm.machine.config import MachineConfig, device_entry, load_json_object
-from pyvmm.registry import DEVICES
+from pyvmm.registry import DEVICES, find
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 2
@@ -84,7 +84,7 @@ def device_from_arg(opt: str, text: str, registry: tuple[DeviceSpec, ...] = DEVI
     """One ``--device TYPE,...`` or ``--disk ...`` as a ``{"type": ..., key: value}``."""
     if opt == "device":
         name, _, rest = text.partition(",")
-        spec = registry_find(name, registry)
+        spec = find(name, registry)
         if spec is None:
             names = [s.name for s in registry]
             raise ConfigError(f"--device {text!r}: unknown device type {name!r}"
@@ -104,10 +104,6 @@ def device_from_arg(opt: str, text: str, registry: tuple[DeviceSpec, ...] = DEVI
             raise ConfigError(f"--{opt} {text!r}: {key} must be one of {values}")
         chosen = match[0]
     return {"type": chosen.name, **items}
-
-
-def registry_find(name: str, registry: tuple[DeviceSpec, ...]) -> DeviceSpec | None:
-    return next((s for s in registry if s.name == name), None)
 
 
 def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.ArgumentParser:
@@ -301,7 +297,7 @@ def _vfio_user(a: argparse.Namespace) -> int:
         def make(mem: GuestMemory) -> PCIDevice:
             return PciTestDev(mem, RecordingMsiSink())
     else:
-        spec = registry_find(name, DEVICES)
+        spec = find(name, DEVICES)
         if spec is None or not spec.exportable or spec.kind is Kind.ISA:
             names = ["pci-testdev", *(s.name for s in DEVICES if s.exportable)]
             raise ConfigError(f"vfio-user: cannot export {name!r}"

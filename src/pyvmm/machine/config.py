@@ -26,7 +26,7 @@ from pyvmm.backends.char import CharSpec
 from pyvmm.devices.spec import DeviceConfig, DeviceSpec
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import DEBUG_EXIT_BASE, MiB
-from pyvmm.registry import DEVICES
+from pyvmm.registry import DEVICES, find
 from pyvmm.schema import Size, option, parse_size
 
 MIN_MEMORY = 2 * MiB
@@ -175,7 +175,7 @@ def device_entry(item: object, where: str, registry: tuple[DeviceSpec, ...],
     name = item.get("type")
     if not isinstance(name, str):
         raise ConfigError(f"{where}: no \"type\" (one of {', '.join(s.name for s in registry)})")
-    spec = next((s for s in registry if s.name == name), None)
+    spec = find(name, registry)
     if spec is None:
         raise ConfigError(f"{where}: unknown device type {name!r}"
                           f"{schema.did_you_mean(name, [s.name for s in registry])}")
