@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyvmm.devices.spec import DeviceSpec, HostContext, Kind, VirtioConfig
+from pyvmm.devices.virtio.net import check_mac
 from pyvmm.errors import BackendError, ConfigError
 from pyvmm.schema import option
 from pyvmm.uapi import virtio as V
@@ -69,12 +70,7 @@ class VhostUserNetConfig(VhostUserConfig):
     def check(self) -> None:
         super().check()
         if self.mac is not None:
-            parts = self.mac.split(":")
-            if len(parts) != 6 or not all(len(p) == 2 and all(
-                    c in "0123456789abcdefABCDEF" for c in p) for p in parts):
-                raise ValueError("mac must look like 52:54:00:12:34:56")
-            if int(parts[0], 16) & 1:
-                raise ValueError(f"mac {self.mac} is a multicast address")
+            check_mac(self.mac)
 
     def mac_bytes(self, index: int) -> bytes:
         if self.mac is not None:

@@ -201,6 +201,15 @@ class VirtioNet(VirtioDevice):
 
 
 # --- registry entry ---------------------------------------------------------------------
+def check_mac(mac: str) -> None:
+    """A guest's unicast MAC as ``52:54:00:12:34:56`` (ValueError says what is wrong);
+    shared by every NIC's config."""
+    if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", mac):
+        raise ValueError("mac must look like 52:54:00:12:34:56")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"mac {mac} is a multicast address")
+
+
 @dataclass(kw_only=True)
 class NetConfig(VirtioConfig):
     tap: str = option("auto", "the TAP to attach (auto: a new one the kernel names)")
@@ -208,10 +217,7 @@ class NetConfig(VirtioConfig):
 
     def check(self) -> None:
         if self.mac is not None:
-            if not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", self.mac):
-                raise ValueError("mac must look like 52:54:00:12:34:56")
-            if int(self.mac[:2], 16) & 1:
-                raise ValueError(f"mac {self.mac} is a multicast address")
+            check_mac(self.mac)
 
     def mac_bytes(self, index: int) -> bytes:
         if self.mac is not None:
