@@ -173,3 +173,46 @@ def test_acpi_tables_are_in_guest_memory_and_pvh_points_at_them(guests: Path) ->
         rsdp_paddr = struct.unpack("<Q", m.mem.read(L.PVH_START_INFO + 32, 8))[0]
         assert rsdp_paddr == m.acpi.rsdp_addr
         assert m.mem.read(rsdp_paddr, 8) == b"RSD PTR "
+
+
+def test_pause_parks_the_vcpu_and_resume_lets_it_go_on(guests: Path) -> None:
+    """The lifecycle (#10): CREATED -> RUNNING <-> PAUSED -> STOPPED; a pause parks the
+    vCPU outside KVM_RUN, resume lets it run on, wrong-state calls raise StateError."""
+    from pyvmm.errors import StateError
+    from pyvmm.machine.vm import VmState
+
+    cfg = MachineConfig.from_dict({"kernel": str(guests / "spin.elf"), "quiet": True,
+                                   "serial": "none", "timeout": 120})
+    with Machine(cfg) as m:
+        with pytest.raises(StateError):
+            m.pause()  # not running yet
+        seen: dict[str, object] = {}
+
+        def control() -> None:
+            deadline = time.monotonic() + 60
+            while m.state is not VmState.RUNNING or not m.serial.tx_bytes:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)  # polling for a state, not waiting a fixed time
+            seen["paused"] = m.pause(timeout=30)
+            seen["state"] = m.state
+            seen["parked"] = m.flags.parked.is_set()
+            try:
+                m.resume()
+                m.resume()  # resuming a running VM is the wrong state
+            except StateError:
+                seen["state_error"] = True
+            seen["after"] = m.state
+            m.stop("interrupted", 130, "stopped by the test")
+
+        t = threading.Thread(target=control)
+        t.start()
+        r = m.run()
+        t.join(30)
+        assert not t.is_alive()
+        assert seen == {"paused": True, "state": VmState.PAUSED, "parked": True,
+                        "state_error": True, "after": VmState.RUNNING}
+        assert (r.reason, r.exit_code) == ("interrupted", 130)
+        assert m.state is VmState.STOPPED
+        with pytest.raises(StateError):
+            m.run()  # a stopped VM does not run again

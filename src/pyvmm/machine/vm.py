@@ -150,10 +150,6 @@ class Machine:
     def virtio_transports(self) -> list[VirtioPciDevice | VirtioMmioDevice]:
         return [*self.virtio, *self.virtio_mmio]
 
-    @property
-    def nvme(self) -> list[Any]:
-        return [dev for _, spec, dev in self.devices if spec.name == "nvme"]
-
     # --- stopping, pausing ------------------------------------------------------------
     def on_debug_exit(self, code: int) -> None:
         self.stop("debug-exit", code, f"guest wrote {(code - 1) >> 1:#x} to the test-exit port")
