@@ -106,6 +106,7 @@ _log = OnceLog()
 _state = threading.local()
 applied: dict[str, int] = {}  # kind -> threads filtered (for reports and tests)
 _libc: Any = None
+_pyseccomp: Any = None
 
 
 def prepare(mode: SeccompMode | str) -> None:
@@ -125,9 +126,24 @@ def available() -> bool:
 
 
 def _binding() -> Any:
-    import pyseccomp  # type: ignore[import-untyped]  # lazy: only a run that filters pays it
+    global _pyseccomp
+    if _pyseccomp is None:
+        # pyseccomp finds libc and libseccomp with ctypes.util.find_library, which runs
+        # ldconfig (and maybe gcc) in a subprocess: 6-13 ms measured here, more than the
+        # rest of the import. The sonames are fixed by the libraries' ABI, so it is
+        # handed them for the import (on the main thread, before any other starts);
+        # an absent libseccomp.so.2 still fails as ImportError/OSError.
+        import ctypes.util
 
-    return pyseccomp
+        real = ctypes.util.find_library
+        sonames = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+        ctypes.util.find_library = lambda name: sonames.get(name) or real(name)
+        try:
+            import pyseccomp  # type: ignore[import-untyped]  # lazy: only runs that filter
+        finally:
+            ctypes.util.find_library = real
+        _pyseccomp = pyseccomp
+    return _pyseccomp
 
 
 def name_thread(name: str) -> None:
