@@ -159,7 +159,10 @@ class Builder:
                           on_rx_space=m.serial_io.resume_input)
         m.serial_io.attach(m.serial)
         m.pio.insert(m.serial, L.COM1_BASE, 8, "serial0")
-        m.i8042 = I8042(on_reset=lambda: m.stop("reset", 0, "guest reset via i8042"))
+        m.i8042 = I8042(on_reset=lambda: m.stop("reset", 0, "guest reset via i8042"),
+                        irq1=m.irqchip.line(L.I8042_KBD_GSI),
+                        irq12=m.irqchip.line(L.I8042_AUX_GSI))
+        m.keyboard, m.mouse = m.i8042.keyboard, m.i8042.mouse  # the library's input API
         m.pio.insert(m.i8042, L.I8042_DATA_PORT, 1, "i8042")
         m.pio.insert(m.i8042, L.I8042_STATUS_PORT, 1, "i8042")
         m.debug_exit = DebugExit(m.on_debug_exit, cfg.debug_exit_size)
