@@ -104,12 +104,14 @@ int main(void)
         EXPECT("kbd-id", 0, 0xfa, 0xab, 0x41);   /* 0x83 through the translation */
     else
         EXPECT("kbd-id", 0, 0xfa, 0xab, 0x83);
-    data(0xf0); data(0x02);
-    EXPECT("kbd-set2", 0, 0xfa, 0xfa);
-    data(0xed); data(0x00);
-    EXPECT("kbd-leds", 0, 0xfa, 0xfa);
-    data(0xf3); data(0x00);
-    EXPECT("kbd-typematic", 0, 0xfa, 0xfa);
+    /* a command with an argument: each byte is acknowledged before the next goes
+     * (libps2's ps2_command waits for the ACK the same way) */
+    data(0xf0); EXPECT("kbd-set-cmd", 0, 0xfa);
+    data(0x02); EXPECT("kbd-set2", 0, 0xfa);
+    data(0xed); EXPECT("kbd-leds-cmd", 0, 0xfa);
+    data(0x00); EXPECT("kbd-leds", 0, 0xfa);
+    data(0xf3); EXPECT("kbd-typematic-cmd", 0, 0xfa);
+    data(0x00); EXPECT("kbd-typematic", 0, 0xfa);
     data(0xee);
     EXPECT("kbd-echo", 0, 0xee);
     data(0xf4);
@@ -120,16 +122,19 @@ int main(void)
     EXPECT("mouse-reset", 1, 0xfa, 0xaa, 0x00);
     aux(0xf2);
     EXPECT("mouse-id", 1, 0xfa, 0x00);
-    aux(0xf3); aux(200); aux(0xf3); aux(100); aux(0xf3); aux(80);
-    EXPECT("mouse-knock", 1, 0xfa, 0xfa, 0xfa, 0xfa, 0xfa, 0xfa);
+    static const u8 knock[] = {0xf3, 200, 0xf3, 100, 0xf3, 80};
+    for (unsigned i = 0; i < sizeof knock; i++) {
+        aux(knock[i]);
+        EXPECT("mouse-knock", 1, 0xfa);
+    }
     aux(0xf2);
     EXPECT("mouse-id-imps", 1, 0xfa, 0x03);
-    aux(0xe8); aux(0x03);
-    EXPECT("mouse-resolution", 1, 0xfa, 0xfa);
+    aux(0xe8); EXPECT("mouse-resolution-cmd", 1, 0xfa);
+    aux(0x03); EXPECT("mouse-resolution", 1, 0xfa);
     aux(0xe6);
     EXPECT("mouse-scaling", 1, 0xfa);
-    aux(0xf3); aux(100);
-    EXPECT("mouse-rate", 1, 0xfa, 0xfa);
+    aux(0xf3); EXPECT("mouse-rate-cmd", 1, 0xfa);
+    aux(100); EXPECT("mouse-rate", 1, 0xfa);
     aux(0xe9);
     EXPECT("mouse-status", 1, 0xfa, 0x00, 0x03, 100);
     aux(0xf4);
