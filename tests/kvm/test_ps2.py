@@ -106,3 +106,42 @@ def test_ps2_untranslated_set_2(guests: Path) -> None:
     assert "ps2 kbd-id ok\n" in text  # 0xAB 0x83 untranslated
     kbd, aux = echoed(text)
     assert kbd == KBD_SET2 and aux == AUX, text[-2000:]
+
+
+def test_keyboard_stdin_types_terminal_input(guests: Path) -> None:
+    """``pyvmm run --keyboard stdin``: bytes on stdin become key presses (serial stdio
+    is then output only); "Hi" and the terminal's cursor-up sequence."""
+    import os
+    import select
+    import subprocess
+    import time
+
+    from tests.conftest import pyvmm_cmd
+
+    proc = subprocess.Popen(pyvmm_cmd("run", "-q", "--kernel", str(guests / "ps2.elf"),
+                                      "--keyboard", "stdin", "--timeout", "60",
+                                      "--cmdline", f"irq=1 bytes={len(KBD_SET1)}"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        buf = b""
+        deadline = time.monotonic() + 60
+        while b"ps2 ready\n" not in buf and b"FAIL" not in buf and time.monotonic() < deadline:
+            r, _, _ = select.select([proc.stdout], [], [], 1)
+            if r:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                buf += chunk
+        assert b"ps2 ready\n" in buf, buf[-2000:]
+        proc.stdin.write(b"Hi\x1b[A")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (buf + out).decode(errors="replace")
+    assert proc.returncode == 0, text[-2000:] + err.decode(errors="replace")
+    assert echoed(text) == (KBD_SET1, []), text[-2000:]
