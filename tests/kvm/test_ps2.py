@@ -96,7 +96,9 @@ def test_ps2_init_and_injected_input_round_trip(guests: Path, chip: str, irq: in
         assert (int(done[1]), int(done[2])) == (len(KBD_SET1), len(AUX)), text[-500:]
     else:
         assert (int(done[1]), int(done[2])) == (0, 0)
-    assert m.i8042.metrics()["kbd_host_dropped"] == 0
+    rep = m.exit_report()["i8042"]  # nothing dropped, no guest mistakes
+    assert rep["kbd_host_dropped"] == rep["mouse_host_dropped"] == 0, rep
+    assert rep["errors"] == {} and rep["resets"] == 1, rep
 
 
 def test_ps2_untranslated_set_2(guests: Path) -> None:
