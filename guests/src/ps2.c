@@ -8,6 +8,9 @@
  *            (The handler does not read the byte itself: on this host a CPL3 trap-gate
  *            handler can be re-entered at its port accesses, which would store bytes
  *            out of order.)
+ *   flood=1  after the keyboard init: 1000 echo commands without reading, 100 self
+ *            tests likewise, reads of the empty buffer, an unknown keyboard command;
+ *            prints what came back, then goes on
  * Exits 0 after the last byte, 1 (with a FAIL line) at the first wrong reply. */
 #include "pci.h"
 
@@ -116,6 +119,26 @@ int main(void)
     EXPECT("kbd-echo", 0, 0xee);
     data(0xf4);
     EXPECT("kbd-enable", 0, 0xfa);
+
+    if (arg_u64("flood", 0)) {
+        for (int i = 0; i < 1000; i++)
+            data(0xee);
+        u32 echoes = 0, other = 0;
+        for (int b; (b = get_within(0, 64)) >= 0;)
+            b == 0xee ? echoes++ : other++;
+        printf("ps2 flood echoes=%u other=%u\n", echoes, other);
+        for (int i = 0; i < 100; i++)
+            cmd(0xaa);
+        u32 passes = 0;
+        for (int b; (b = get_within(0, 64)) >= 0;)
+            passes += b == 0x55;
+        printf("ps2 flood selftests=%u\n", passes);
+        u8 st = inb(STATUS);
+        u8 a = inb(DATA), b = inb(DATA);    /* the output buffer is empty */
+        printf("ps2 empty-read status=%x %x %x\n", st & OBF, a, b);
+        data(0x42);                         /* no such keyboard command */
+        EXPECT("kbd-unknown", 0, 0xfe);
+    }
 
     /* psmouse: reset, ID, the IntelliMouse knock, resolution, scaling, rate, enable */
     aux(0xff);

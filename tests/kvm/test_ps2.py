@@ -147,3 +147,24 @@ def test_keyboard_stdin_types_terminal_input(guests: Path) -> None:
     text = (buf + out).decode(errors="replace")
     assert proc.returncode == 0, text[-2000:] + err.decode(errors="replace")
     assert echoed(text) == (KBD_SET1, []), text[-2000:]
+
+
+def test_ps2_guest_floods_and_bad_commands_are_answered_and_the_vm_goes_on(
+        guests: Path) -> None:
+    from pyvmm.devices.input.ps2 import QUEUE_SIZE
+    from pyvmm.devices.legacy.i8042 import CTL_QUEUE_MAX
+
+    n = len(KBD_SET1) + len(AUX)
+    r, text, m = run_with_input(guests, "split", f"flood=1 irq=1 bytes={n}", inject)
+    assert (r.reason, r.exit_code) == ("reset", 0), text[-2000:]
+    # the output buffer plus the bounded queue; the rest dropped, logged once, counted
+    assert f"ps2 flood echoes={QUEUE_SIZE + 1} other=0\n" in text, text[-2000:]
+    assert f"ps2 flood selftests={CTL_QUEUE_MAX + 1}\n" in text, text[-2000:]
+    assert "ps2 empty-read status=0 55 55\n" in text  # the last byte, again
+    assert "ps2 kbd-unknown ok\n" in text  # answered 0xFE (resend)
+    assert echoed(text) == (KBD_SET1, AUX)  # and input works as before
+    rep = m.exit_report()["i8042"]
+    assert rep["kbd_replies_dropped"] == 1000 - QUEUE_SIZE - 1, rep
+    assert rep["ctl_dropped"] == 100 - CTL_QUEUE_MAX - 1, rep
+    assert rep["errors"] == {"ps2-flood": 1000 - QUEUE_SIZE - 1,
+                             "ctl-flood": 100 - CTL_QUEUE_MAX - 1, "kbd-cmd": 1}, rep
