@@ -8,6 +8,8 @@
  *            (The handler does not read the byte itself: on this host a CPL3 trap-gate
  *            handler can be re-entered at its port accesses, which would store bytes
  *            out of order.)
+ *            irq=2: the same through the 8259 pair (auto-EOI; IRQ 1 on the master at
+ *            vector 0x41, IRQ 12 on the slave at 0x4c, through the cascade on IRQ 2)
  *   flood=1  after the keyboard init: 1000 echo commands without reading, 100 self
  *            tests likewise, reads of the empty buffer, an unknown keyboard command;
  *            prints what came back, then goes on
@@ -164,11 +166,22 @@ int main(void)
     EXPECT("mouse-enable", 1, 0xfa);
     puts("ps2 init ok\n");
 
-    if (use_irq) {
+    u32 kv = 4, av = 5;                            /* irq_count slots: vector & 15 */
+    if (use_irq == 1) {
         irq_init();
         lapic_enable();
         ioapic_route(1, 0x44, 0, 0);
         ioapic_route(12, 0x45, 0, 0);
+    } else if (use_irq == 2) {
+        irq_init();
+        lapic_enable();
+        outb(0x20, 0x11); outb(0x21, 0x40); outb(0x21, 0x04); outb(0x21, 0x03);
+        outb(0xa0, 0x11); outb(0xa1, 0x48); outb(0xa1, 0x02); outb(0xa1, 0x03);
+        outb(0xa1, (u8)~0x10);                     /* slave: IRQ 12 only */
+        outb(0x21, (u8)~0x06);                     /* master: IRQ 1 and the cascade */
+        kv = 1, av = 12;
+    }
+    if (use_irq) {
         cmd(0x60); data((u8)(base_ctr | 0x03));   /* INT and INT2 */
     }
     puts("ps2 ready\n");
@@ -176,7 +189,7 @@ int main(void)
         u16 v;
         if (use_irq) {
             /* one interrupt per byte: wait for the n+1st, then the byte must be there */
-            while (irq_count[4] + irq_count[5] <= n)
+            while (irq_count[kv] + irq_count[av] <= n)
                 cpu_relax();
             u8 st = inb(STATUS);
             if (!(st & OBF))
@@ -191,6 +204,6 @@ int main(void)
         }
         printf("ps2 %s %02x\n", (v >> 8) & AUXB ? "aux" : "kbd", v & 0xff);
     }
-    printf("ps2 done irqs=%u/%u\n", irq_count[4], irq_count[5]);
+    printf("ps2 done irqs=%u/%u\n", irq_count[kv], irq_count[av]);
     return 0;
 }

@@ -88,7 +88,7 @@ class Qmp:
         return r
 
 
-@pytest.mark.parametrize("irq", [0, 1], ids=["polled", "irq"])
+@pytest.mark.parametrize("irq", [0, 1, 2], ids=["polled", "ioapic", "pic"])
 def test_ps2_guest_against_qemus_i8042(guests: Path, tmp_path: Path, irq: int) -> None:
     exe = shutil.which("qemu-system-x86_64")
     assert exe, "the qemu marker needs qemu-system-x86_64"

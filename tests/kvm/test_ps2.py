@@ -80,7 +80,7 @@ def echoed(text: str) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("chip", ["kernel", "split"])
-@pytest.mark.parametrize("irq", [0, 1], ids=["polled", "irq"])
+@pytest.mark.parametrize("irq", [0, 1, 2], ids=["polled", "ioapic", "pic"])
 def test_ps2_init_and_injected_input_round_trip(guests: Path, chip: str, irq: int) -> None:
     n = len(KBD_SET1) + len(AUX)
     r, text, m = run_with_input(guests, chip, f"xlate=1 irq={irq} bytes={n}", inject)
