@@ -505,3 +505,21 @@ def test_any_sequence_keeps_the_controller_sane(ops: list[tuple[str, object]]) -
     k.set_ctr(0x07)  # both ports on: everything queued drains through the buffer
     k.read_all()
     assert not d.keyboard.queue and not d.mouse.queue and not d.ctl
+
+
+def test_keyboard_in_set_3_sends_one_byte_codes() -> None:
+    k = Kbc()
+    k.set_ctr(0x05)
+    k.data(0xF0)
+    k.data(0x03)
+    k.bytes()
+    kb = k.dev.keyboard
+    for name in ("KEY_A", "KEY_UP", "KEY_F1"):
+        kb.press(name)
+        kb.release(name)
+    assert k.bytes() == [0x1C, 0xF0, 0x1C, 0x63, 0xF0, 0x63, 0x07, 0xF0, 0x07]
+
+
+def test_set_3_codes_are_one_byte_and_distinct() -> None:
+    codes = [k.set3 for k in KEYS.values()]
+    assert len(set(codes)) == len(codes) and all(0 < c < 0xE0 for c in codes)

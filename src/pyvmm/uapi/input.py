@@ -9,7 +9,8 @@ on produces) and set 2 (what every AT keyboard sends natively). A set 1 break co
 the make code with bit 7 set; a set 2 break code has 0xF0 before the make code's last
 byte. An ``0xE0`` prefix marks the keys the 101-key keyboard added.
 
-Print Screen and Pause, whose codes are multi-key sequences, are not in the table.
+A set 3 code is one byte (break: 0xF0 first). Print Screen and Pause, whose set 1/2
+codes are multi-key sequences, are not in the table.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Key(NamedTuple):
     code: int  # Linux KEY_* number
     set1: bytes  # make code, scan code set 1
     set2: bytes  # make code, scan code set 2
+    set3: int = 0  # make code, scan code set 3 (one byte, no prefixes)
 
 
 def _k(code: int, s1: int, s2: int, ext: bool = False) -> Key:
@@ -85,11 +87,36 @@ KEYS: dict[str, Key] = {
     "KEY_COMPOSE": _k(127, 0x5D, 0x2F, ext=True),
 }
 
+# Scan code set 3 (the terminal set: one byte per key, break = 0xF0 + make), same
+# specification, table C; where a key's set 3 code differs from its set 2 code's last
+# byte, and every 0xE0 key.
+_SET3 = {
+    "KEY_ESC": 0x08, "KEY_LEFTCTRL": 0x11, "KEY_BACKSLASH": 0x5C, "KEY_KPASTERISK": 0x7E,
+    "KEY_LEFTALT": 0x19, "KEY_CAPSLOCK": 0x14, "KEY_F1": 0x07, "KEY_F2": 0x0F,
+    "KEY_F3": 0x17, "KEY_F4": 0x1F, "KEY_F5": 0x27, "KEY_F6": 0x2F, "KEY_F7": 0x37,
+    "KEY_F8": 0x3F, "KEY_F9": 0x47, "KEY_F10": 0x4F, "KEY_F11": 0x56, "KEY_F12": 0x5E,
+    "KEY_NUMLOCK": 0x76, "KEY_SCROLLLOCK": 0x5F, "KEY_KPMINUS": 0x84, "KEY_KPPLUS": 0x7C,
+    "KEY_102ND": 0x13, "KEY_KPENTER": 0x79, "KEY_RIGHTCTRL": 0x58, "KEY_KPSLASH": 0x77,
+    "KEY_RIGHTALT": 0x39, "KEY_HOME": 0x6E, "KEY_UP": 0x63, "KEY_PAGEUP": 0x6F,
+    "KEY_LEFT": 0x61, "KEY_RIGHT": 0x6A, "KEY_END": 0x65, "KEY_DOWN": 0x60,
+    "KEY_PAGEDOWN": 0x6D, "KEY_INSERT": 0x67, "KEY_DELETE": 0x64, "KEY_LEFTMETA": 0x8B,
+    "KEY_RIGHTMETA": 0x8C, "KEY_COMPOSE": 0x8D,
+}
+KEYS = {name: k._replace(set3=_SET3.get(name, k.set2[-1])) for name, k in KEYS.items()}
+
 KEY_BY_CODE: dict[int, str] = {k.code: name for name, k in KEYS.items()}
 
 
+def make_code(key: Key, scan_set: int) -> bytes:
+    """The key's make code in scan code set 1, 2 or 3."""
+    return {1: key.set1, 2: key.set2}.get(scan_set, bytes([key.set3]))
+
+
 def break_code(key: Key, scan_set: int) -> bytes:
-    """The key's break code in scan code set 1 or 2."""
+    """The key's break code in scan code set 1, 2 or 3 (set 3 as after the "all keys
+    make/break" command 0xF8 or 0xFA, which Linux's atkbd sends before using set 3)."""
+    if scan_set == 3:
+        return bytes([0xF0, key.set3])
     if scan_set == 1:
         return key.set1[:-1] + bytes([key.set1[-1] | 0x80])
     return key.set2[:-1] + b"\xf0" + key.set2[-1:]

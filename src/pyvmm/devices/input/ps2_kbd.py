@@ -9,14 +9,15 @@ without effect; resend 0xFE repeats the last byte sent. Anything else is answere
 0xFE (resend), as a real keyboard answers a byte it does not understand.
 
 Host input: ``press``/``release``/``type_text`` with Linux key names (``uapi/input.py``),
-sent in scan code set 1 or 2 as selected. Set 3 can be selected and read back, but keys
-are then still sent in set 2 codes (not modelled: no set 3 table).
+sent in scan code set 1, 2 or 3 as selected. In set 3 every key sends make and break
+codes (what the set 3 commands 0xF8/0xFA select, and Linux sends 0xFA before using
+set 3); the per-key types of set 3's power-on default are not modelled.
 """
 
 from __future__ import annotations
 
 from pyvmm.devices.input.ps2 import PS2_RET_ACK, PS2_RET_BAT, PS2_RET_NAK, Ps2Port
-from pyvmm.uapi.input import KEYS, Key, break_code, char_keys
+from pyvmm.uapi.input import KEYS, Key, break_code, char_keys, make_code
 
 ATKBD_CMD_SETLEDS = 0xED
 ATKBD_CMD_ECHO = 0xEE
@@ -127,10 +128,7 @@ class Ps2Keyboard(Ps2Port):
     def codes(self, name: str, make: bool) -> bytes:
         """The bytes a key's make or break sends in the current scan code set."""
         k = self.key(name)
-        scan_set = 1 if self.scan_set == 1 else 2
-        if make:
-            return k.set1 if scan_set == 1 else k.set2
-        return break_code(k, scan_set)
+        return make_code(k, self.scan_set) if make else break_code(k, self.scan_set)
 
     def press(self, name: str) -> bool:
         """Key down; False if the keyboard is not scanning or its buffer is full."""
