@@ -45,6 +45,8 @@ from pyvmm.uapi import kvm as K
 if TYPE_CHECKING:
     from pyvmm.acpi.tables import AcpiTables
     from pyvmm.bus import IoBus, MmioBus
+    from pyvmm.devices.input.ps2_kbd import Ps2Keyboard
+    from pyvmm.devices.input.ps2_mouse import Ps2Mouse
     from pyvmm.devices.legacy.debug_exit import DebugExit
     from pyvmm.devices.legacy.i8042 import I8042
     from pyvmm.devices.legacy.pit import Pit
@@ -96,6 +98,8 @@ class Machine:
     serial_io: SerialIo
     serial: Serial
     i8042: I8042
+    keyboard: Ps2Keyboard  # host input: press/release/type_text (any thread)
+    mouse: Ps2Mouse  # host input: move(dx, dy, dz, buttons) (any thread)
     debug_exit: DebugExit
     testdev: TestDev
     rtc: Rtc
