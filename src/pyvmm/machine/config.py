@@ -82,6 +82,8 @@ class MachineConfig:
                                   "LAPIC in KVM, PIC/IOAPIC/PIT in Python")
     msi: MsiPath = option(MsiPath.IRQFD, "device MSI/MSI-X: irqfd (an irqfd and GSI route per "
                           "vector) or signal (KVM_SIGNAL_MSI per message)")
+    api_socket: str | None = option(None, "serve the control API (HTTP/1.1, docs/api.md) on this "
+                                    "Unix socket while the VM runs", metavar="PATH")
     devices: list[DeviceEntry] = option(factory=list, doc="the machine's devices, in slot "
                                         "order", cli="")
 
@@ -123,6 +125,11 @@ class MachineConfig:
             parent = Path(self.exits_json).parent
             if not parent.is_dir():
                 raise ConfigError(f"exits-json {self.exits_json!r}: folder {str(parent)!r} "
+                                  "does not exist")
+        if self.api_socket is not None:
+            parent = Path(self.api_socket).parent
+            if not parent.is_dir():
+                raise ConfigError(f"api-socket {self.api_socket!r}: folder {str(parent)!r} "
                                   "does not exist")
         for d in self.devices:
             host_check = getattr(d.config, "validate", None)
