@@ -94,6 +94,12 @@ CASES: list[tuple[list[str], str]] = [
     ([*K, "--serial", "socket:live.sock"], "another process is listening"),
     ([*K, "--serial", "socket:" + "s" * 120], "limit of a Unix socket path"),
     ([*K, "--serial", "stdio:x"], "takes no path"),
+    # the control API's socket: nothing that is there is replaced
+    ([*K, "--api-socket", "precious.txt"], "not a socket is there; not replacing it"),
+    ([*K, "--api-socket", "live.sock"], "another process is listening"),
+    ([*K, "--api-socket", "nofolder/api.sock"], "does not exist"),
+    ([*K, "--api-socket", "s" * 120], "limit of a Unix socket path"),
+    ([*K, "--api-socket", "precious.txt", "--memory", "1M"], "too small"),
     # exits json
     ([*K, "--exits-json", "nofolder/x.json"], "does not exist"),
     ([*K, "--exits-json", "precious.txt", "--memory", "1M"], "too small"),

@@ -89,6 +89,11 @@ class ApiServer:
         self._control = threading.Lock()  # one control call at a time
         self._metrics: Any = None  # prometheus registry, made at the first scrape
         self._closed = False
+        # aiohttp logs each malformed request with a traceback; a client could fill the
+        # log with them. Once per kind, one line, then counted (ratelimit_log).
+        self._http_log = logging.getLogger("pyvmm.api.http")
+        self._http_log.propagate = False
+        self._http_log.handlers = [_OnceHandler(self.errors)]
 
     # --- lifecycle ---------------------------------------------------------------------
     def attach(self, m: Machine | None) -> Callable[[], None]:
@@ -134,9 +139,10 @@ class ApiServer:
         r.add_get("/metrics", self._prometheus)
         # Screen (PNG) and keyboard/mouse input plug in here once the VGA display and
         # the PS/2 devices exist (docs/api.md, "Not yet here").
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     logger=self._http_log, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.SockSite(self._runner, self.sock, shutdown_timeout=1.0)
+        site = web.SockSite(self._runner, self.sock)
         await site.start()
 
     async def _shutdown(self) -> None:
@@ -173,6 +179,8 @@ class ApiServer:
             return _error(e.status, what, headers)
         except StateError as e:
             return _error(409, str(e))
+        except ConnectionError:  # the client went away mid-request: nobody to answer
+            return _error(400, "connection lost")
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a pyvmm bug: contained, logged once per kind
@@ -327,6 +335,22 @@ class ApiServer:
                     self.errors.warn("events-slow", "event stream: a client that does not "
                                      f"read was dropped (queue of {QUEUE_DEPTH} full)")
                     s.task.cancel()
+
+
+class _OnceHandler(logging.Handler):
+    """aiohttp's own log (malformed requests, lost connections): one line per kind,
+    logged once, then counted, without its traceback."""
+
+    def __init__(self, once: OnceLog) -> None:
+        super().__init__(logging.DEBUG)
+        self.once = once
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        kind = type(exc).__name__ if exc is not None else record.getMessage()[:40]
+        what = f"{record.getMessage()}: {exc!s}".splitlines()[0] if exc else \
+            record.getMessage().splitlines()[0]
+        self.once.warn(f"http:{kind}", f"control API: {what[:200]}")
 
 
 class _NoVm(Exception):

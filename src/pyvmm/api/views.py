@@ -30,6 +30,7 @@ from pyvmm.uapi import pci as P
 
 if TYPE_CHECKING:
     from pyvmm.bus import Bus, BusRange
+    from pyvmm.machine.config import MachineConfig
     from pyvmm.machine.vm import Machine
 
 EXIT_IO_NAME = "io"
@@ -56,9 +57,10 @@ def config_json(cfg: object) -> dict[str, Any]:
             if f.key != "devices"}
 
 
-def machine_config_json(m: Machine) -> dict[str, Any]:
-    out = config_json(m.cfg)
-    out["devices"] = [{"type": d.name, **config_json(d.config)} for d in m.cfg.devices]
+def machine_config_json(cfg: MachineConfig) -> dict[str, Any]:
+    """The machine's config as a JSON config file would spell it."""
+    out = config_json(cfg)
+    out["devices"] = [{"type": d.name, **config_json(d.config)} for d in cfg.devices]
     return out
 
 
@@ -77,7 +79,7 @@ def vm_info(m: Machine) -> M.VmInfo:
     return M.VmInfo(state=m.state.value, uptime_s=round(uptime(m), 6), pid=os.getpid(),
                     stopping=m.flags.stopping,
                     result=None if r is None else M.RunResult(r.reason, r.exit_code, r.message),
-                    config=machine_config_json(m))
+                    config=machine_config_json(m.cfg))
 
 
 # --- the map and the PCI tree ---------------------------------------------------------------
