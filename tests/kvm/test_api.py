@@ -132,6 +132,8 @@ def test_counters_increase_while_the_guest_loops(vm: Path) -> None:
     # Interrupts by GSI with their route: the board's lines on KVM's irqchip.
     routes = {(i["route"], i["gsi"], i["source"]) for i in second["interrupts"]}
     assert ("KVM_IRQ_LINE", 4, "serial0") in routes
+    # The virtio-rng's INTx pin, named by its instance (not its transport).
+    assert any(r == "KVM_IRQ_LINE" and s == "virtio-rng0" for r, _, s in routes)
 
 
 def test_devices_with_mode_config_and_counters(vm: Path) -> None:

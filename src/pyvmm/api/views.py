@@ -211,19 +211,33 @@ def devices(m: Machine) -> M.DeviceList:
 
 
 # --- counters ------------------------------------------------------------------------------
+def _instance_names(m: Machine) -> dict[int, str]:
+    """id(bus-facing object: the device, its virtio transport) -> its instance name."""
+    out: dict[int, str] = {}
+    transports = {id(t.device): t for t in m.virtio_transports()}
+    for name, _, dev in m.devices:
+        out[id(dev)] = name
+        t = transports.get(id(dev))
+        if t is not None:
+            out[id(t)] = name
+    return out
+
+
 def _line_sources(m: Machine) -> dict[int, str]:
     """GSI -> the device that drives it, where the machine says: the board's fixed
     lines, PCI INTx pins, virtio-mmio slots, ISA specs' lines."""
     src: dict[int, str] = {L.COM1_GSI: "serial0", L.RTC_GSI: "rtc", 0: "pit"}
+    names = _instance_names(m)
     for _, dev in m.pci.functions():
         c = dev.config
         if c.data[P.PCI_INTERRUPT_PIN]:
-            src.setdefault(c.data[P.PCI_INTERRUPT_LINE], getattr(dev, "name", "pci"))
+            src.setdefault(c.data[P.PCI_INTERRUPT_LINE],
+                           names.get(id(dev), getattr(dev, "name", "pci")))
     slots = dict(L.virtio_mmio_slots())
     for t in m.virtio_mmio:
         r = next((r for r in m.mmio.ranges() if r.device is t), None)
         if r is not None and r.base in slots:
-            src[slots[r.base]] = t.name
+            src[slots[r.base]] = names.get(id(t), t.name)
     for name, spec, _ in m.devices:
         gsis = (spec.gsi,) if isinstance(spec.gsi, int) else spec.gsi or ()
         for g in gsis:
@@ -234,8 +248,9 @@ def _line_sources(m: Machine) -> dict[int, str]:
 def _vector_sources(m: Machine) -> dict[int, str]:
     """id(IrqfdVector) -> "<function>.msix<n>" / ".msi<n>"."""
     out: dict[int, str] = {}
+    names = _instance_names(m)
     for _, dev in m.pci.functions():
-        name = getattr(dev, "name", type(dev).__name__)
+        name = names.get(id(dev), getattr(dev, "name", type(dev).__name__))
         for cap in ("msix", "msi"):
             c = getattr(dev, cap, None)
             for n, sink in enumerate(getattr(c, "_sinks", ()) if c is not None else ()):
