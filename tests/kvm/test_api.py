@@ -286,3 +286,18 @@ def test_a_guest_that_ends_by_itself_takes_the_socket_along(guests: Path,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert not sock.exists()
+
+
+def test_sigterm_ends_the_run_and_removes_the_socket(guests: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "api.sock"
+    p = start(guests, sock, "pio_loop", "--cmdline", LOOP)
+    try:
+        wait_until("running", lambda: get(sock, "/api/v1/vm")["state"] == "running")
+        p.terminate()
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 143 and "SIGTERM" in err
+    assert not sock.exists()

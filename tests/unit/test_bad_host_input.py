@@ -100,6 +100,8 @@ CASES: list[tuple[list[str], str]] = [
     ([*K, "--api-socket", "nofolder/api.sock"], "does not exist"),
     ([*K, "--api-socket", "s" * 120], "limit of a Unix socket path"),
     ([*K, "--api-socket", "precious.txt", "--memory", "1M"], "too small"),
+    # claimed, then the build fails: the socket goes again (the tree is as it was)
+    (["--kernel", "elf-bad.elf", "--api-socket", "api.sock"], "ELF for machine 65535"),
     # exits json
     ([*K, "--exits-json", "nofolder/x.json"], "does not exist"),
     ([*K, "--exits-json", "precious.txt", "--memory", "1M"], "too small"),
