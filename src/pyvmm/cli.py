@@ -145,6 +145,8 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
     rm.add_argument("--json", action="store_true", help="print the API's JSON answer")
     rm.add_argument("remote_command", metavar="COMMAND", choices=list(COMMANDS),
                     help="one of " + ", ".join(COMMANDS))
+    rm.add_argument("device", metavar="DEVICE", nargs="?",
+                    help="trace, trace-on, trace-off: the device (a name from 'devices')")
     return p
 
 
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "remote":
             from pyvmm.api.client import run
 
-            return run(args.api_socket, args.remote_command, args.json)
+            return run(args.api_socket, args.remote_command, args.json, device=args.device)
         cfg = _config_from_args(args)
         cfg.validate()
         from pyvmm.machine.vm import run_machine

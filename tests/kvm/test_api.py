@@ -9,6 +9,7 @@ No timing is asserted: waits are for a state or a change, with generous deadline
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import socket
 import subprocess
@@ -213,6 +214,41 @@ def test_event_stream_sends_totals_then_deltas(vm: Path) -> None:
         assert data["delta"]["device.serial0"] > 0  # the guest loops: its device moved
 
 
+def put_json(sock: Path, url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    c = Unix(sock)
+    try:
+        c.request("PUT", url, body=json.dumps(body).encode(),
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+def test_register_trace_of_the_looping_guest(vm: Path) -> None:
+    """pio-loop writes i & 0xff to the UART's scratch register: the trace names it SCR,
+    on vCPU 0, with consecutive values; off, the ring stops and the guest runs on."""
+    url = "/api/v1/devices/serial0/trace"
+    status, body = put_json(vm, url, {"enabled": True, "depth": 64})
+    assert status == 200 and body["enabled"] and body["depth"] == 64
+    wait_until("64 traced accesses", lambda: len(get(vm, url)["entries"]) == 64)
+    trace = get(vm, url)
+    check(trace, "Trace")
+    entries = trace["entries"]
+    assert {(e["register"], e["access"], e["offset"], e["vcpu"], e["range"])
+            for e in entries} == {("SCR", "write", 7, 0, "serial0")}
+    values = [e["value"] for e in entries]
+    assert all((b - a) & 0xFF == 1 for a, b in itertools.pairwise(values))
+    status, body = put_json(vm, url, {"enabled": False})
+    assert status == 200 and not body["enabled"]
+    last = get(vm, url)["entries"]
+    n = serial_writes(vm)
+    wait_until("the guest runs on untraced", lambda: serial_writes(vm) > n)
+    assert get(vm, url)["entries"] == last
+    assert put_json(vm, "/api/v1/devices/nope/trace", {"enabled": True})[0] == 404
+    assert put_json(vm, url, {"enabled": "yes"})[0] == 400
+
+
 def test_metrics_parse_and_count(vm: Path) -> None:
     status, text, ctype = call(vm, "GET", "/metrics")
     assert status == 200 and ctype.startswith("text/plain")
@@ -252,6 +288,14 @@ def test_remote_client_output(vm: Path) -> None:
         r = remote(vm, "--json", cmd)
         assert r.returncode == 0, r.stderr
         json.loads(r.stdout)
+    r = remote(vm, "trace-on", "serial0")
+    assert r.returncode == 0 and r.stdout.startswith("trace of serial0: on, ")
+    wait_until("traced", lambda: len(get(vm, "/api/v1/devices/serial0/trace")["entries"]) > 2)
+    r = remote(vm, "trace-off", "serial0")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].startswith("trace of serial0: off, ")
+    assert lines[1].split()[1:5] == ["serial0", "SCR", "write", lines[1].split()[4]]
+    assert lines[1].endswith("(scratch)")
     assert remote(vm, "pause").stdout == "state: paused\n"
     r = remote(vm, "pause")
     assert r.returncode == 5 and r.stderr.count("\n") == 1 and "HTTP 409" in r.stderr

@@ -120,6 +120,9 @@ def test_openapi_is_served(server: tuple[ApiServer, Path]) -> None:
     ("GET", "/api/v1/devices", None, 503, "no VM attached"),
     ("GET", "/metrics", None, 503, "no VM attached"),
     ("GET", "/api/v1/events", None, 503, "no VM attached"),
+    ("GET", "/api/v1/devices/serial0/trace", None, 503, "no VM attached"),
+    ("PUT", "/api/v1/devices/serial0/trace", b'{"enabled": 1}', 400, "true or false"),
+    ("PUT", "/api/v1/devices/serial0/trace", b"{}", 400, "true or false"),
 ])
 def test_bad_requests_are_json_errors(server: tuple[ApiServer, Path], method: str, url: str,
                                       body: bytes | None, status: int, text: str) -> None:
@@ -245,6 +248,10 @@ def test_remote_exit_codes_and_one_line(tmp_path: Path, server: tuple[ApiServer,
     assert "pause refused: no VM attached (HTTP 503)" in r.stderr and r.stderr.count("\n") == 1
     r = remote(server[1], "reset")
     assert r.returncode == 5 and "HTTP 501" in r.stderr
+    r = remote(server[1], "trace")  # needs a DEVICE
+    assert r.returncode == 2 and "needs a DEVICE" in r.stderr and r.stderr.count("\n") == 1
+    r = remote(server[1], "trace-on", "serial0")
+    assert r.returncode == 5 and "HTTP 503" in r.stderr
     r = remote(server[1], "frobnicate")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 

@@ -14,4 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "counters": ("GET", "/api/v1/vm.counters"),
     "map": ("GET", "/api/v1/vm.map"),
     "pci": ("GET", "/api/v1/pci"),
+    # These take a DEVICE (a name from `devices`).
+    "trace": ("GET", "/api/v1/devices/{name}/trace"),
+    "trace-on": ("PUT", "/api/v1/devices/{name}/trace"),
+    "trace-off": ("PUT", "/api/v1/devices/{name}/trace"),
 }

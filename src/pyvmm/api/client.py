@@ -13,12 +13,14 @@ import http.client
 import json
 import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from pyvmm.api import COMMANDS
 
 EXIT_OK = 0
+EXIT_USAGE = 2
 EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
 TIMEOUT_S = 30.0
@@ -49,13 +51,17 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-def request(path: str, method: str, url: str, timeout: float = TIMEOUT_S) -> Any:
+def request(path: str, method: str, url: str, timeout: float = TIMEOUT_S,
+            body: dict[str, Any] | None = None) -> Any:
     """The JSON answer of ``method url`` on the socket at ``path``."""
     conn = _UnixConnection(path, timeout)
+    payload = json.dumps(body).encode() if body is not None else (
+        b"" if method == "PUT" else None)
     try:
         try:
-            conn.request(method, url, body=b"" if method == "PUT" else None,
-                         headers={"Accept": "application/json"})
+            conn.request(method, url, body=payload,
+                         headers={"Accept": "application/json",
+                                  "Content-Type": "application/json"})
             resp = conn.getresponse()
             data = resp.read()
         except FileNotFoundError:
@@ -138,15 +144,39 @@ def format_action(d: dict[str, Any]) -> str:
             + ("" if d.get("parked", True) else " (the vCPU has not parked yet)"))
 
 
-FORMATS = {"state": format_state, "devices": format_devices, "counters": format_counters,
+def format_trace(d: dict[str, Any]) -> str:
+    from pyvmm.api.models import TraceEntry
+    from pyvmm.api.trace import format_entry
+
+    head = f"trace of {d['device']}: {'on' if d['enabled'] else 'off'}, " \
+        f"{len(d['entries'])} of {d['depth']} entries"
+    return "\n".join([head, *(f"{e['t_s']:12.6f}  " + format_entry(d["device"],
+                                                                  TraceEntry(**e))
+                             for e in d["entries"])])
+
+
+FORMATS = {"trace": format_trace, "trace-on": format_trace, "trace-off": format_trace,
+           "state": format_state, "devices": format_devices, "counters": format_counters,
            "map": format_map, "pci": format_pci}
 
 
 def run(path: str, command: str, as_json: bool, out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr) -> int:
+        err: TextIO = sys.stderr, device: str | None = None) -> int:
     method, url = COMMANDS[command]
+    payload = None
+    if "{name}" in url:
+        if not device:
+            print(f"pyvmm remote: error: {command} needs a DEVICE (see 'pyvmm remote "
+                  "devices')", file=err)
+            return EXIT_USAGE
+        url = url.replace("{name}", urllib.parse.quote(device, safe=""))
+        if command != "trace":
+            payload = {"enabled": command == "trace-on"}
+    elif device:
+        print(f"pyvmm remote: error: {command} takes no DEVICE", file=err)
+        return EXIT_USAGE
     try:
-        body = request(path, method, url)
+        body = request(path, method, url, body=payload)
     except ApiUnreachable as e:
         print(f"pyvmm remote: error: {e}", file=err)
         return EXIT_UNREACHABLE

@@ -179,9 +179,36 @@ class Counters:
                               "by_irqfd, by_signal")
 
 
+@dataclasses.dataclass
+class TraceEntry:
+    """One trapped access, decoded."""
+
+    t_s: float = doc("seconds since the VM started running")
+    vcpu: int | None = doc("the vCPU that made the access (null: not a vCPU thread)")
+    bus: str = doc("pio or mmio")
+    range: str = doc("the bus range (device, or device.barN)")
+    offset: int = doc("offset into the range")
+    size: int = doc("access size in bytes")
+    access: str = doc("read or write")
+    register: str = doc("the register's name from the device's spec (LCR, CONFIG_DATA), "
+                        "or +offset where pyvmm has no decoder")
+    value: int = doc("the value read or written")
+    meaning: str = doc("the value decoded (8N1, DLAB=0; 00:02.0 VENDOR_ID)")
+
+
+@dataclasses.dataclass
+class Trace:
+    """GET/PUT /api/v1/devices/{name}/trace."""
+
+    device: str = doc("the device")
+    enabled: bool = doc("accesses are being recorded")
+    depth: int = doc("the ring's size: the newest this many accesses are kept")
+    entries: list[TraceEntry] = doc("the ring, oldest first")
+
+
 MODELS: tuple[type, ...] = (Error, RunResult, VmInfo, VmAction, MapEntry, BusRange,
                             MachineMap, PciBar, PciFunction, PciTree, Device, DeviceList,
-                            DeviceExits, Interrupt, Counters)
+                            DeviceExits, Interrupt, Counters, TraceEntry, Trace)
 
 
 def to_json(obj: Any) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 from pyvmm import __version__ as _pkg_version
 from pyvmm import schema
 from pyvmm.api import models as M
+from pyvmm.api.trace import DEFAULT_DEPTH, MAX_DEPTH
 from pyvmm.machine.config import config_schema
 from pyvmm.registry import DEVICES
 
@@ -132,6 +133,28 @@ def openapi_document() -> dict[str, Any]:
                               _ok("PciTree", "bus 0")),
         f"{PREFIX}/devices": _get("devices", "every device: mode, typed config, counters",
                                   _ok("DeviceList", "the devices")),
+        PREFIX + "/devices/{name}/trace": {
+            "parameters": [{"name": "name", "in": "path", "required": True,
+                            "description": "a device's name, as in /api/v1/devices",
+                            "schema": {"type": "string"}}],
+            "get": {"operationId": "trace_get",
+                    "summary": "the device's register-decoded access trace (its ring)",
+                    "responses": {"200": _ok("Trace", "the trace"),
+                                  "404": _err("no such device"), "503": _NO_VM}},
+            "put": {"operationId": "trace_set",
+                    "summary": "turn the device's trace on (its ranges get a tracer: the "
+                               "hot path pays only while it is on) or off",
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["enabled"],
+                                   "additionalProperties": False, "properties": {
+                                       "enabled": {"type": "boolean"},
+                                       "depth": {"type": "integer", "minimum": 1,
+                                                 "maximum": MAX_DEPTH,
+                                                 "default": DEFAULT_DEPTH}}}}}},
+                    "responses": {"200": _ok("Trace", "the trace"),
+                                  "400": _err("a body that is not {enabled, depth}"),
+                                  "404": _err("no such device"),
+                                  "413": _err("a body over 64 KiB"), "503": _NO_VM}}},
         f"{PREFIX}/vm.counters": _get("vm_counters", "exits by kind and device, interrupts "
                                       "by GSI/vector and route", _ok("Counters", "totals")),
         f"{PREFIX}/events": {"get": {

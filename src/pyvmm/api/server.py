@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from aiohttp import web
 from pyvmm.api import models as M
 from pyvmm.api import views
 from pyvmm.api.openapi import openapi_document
+from pyvmm.api.trace import DeviceTrace, parse_request
 from pyvmm.errors import StateError
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.unix_socket import close_unix, listen_unix
@@ -80,6 +82,7 @@ class ApiServer:
         self.machine: Machine | None = None
         self.errors = OnceLog()
         self.streams: set[_Stream] = set()
+        self.traces: dict[str, DeviceTrace] = {}
         self.dropped_streams = 0
         self.requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,6 +137,8 @@ class ApiServer:
         r.add_get(f"{PREFIX}/vm.counters", self._view(views.counters))
         r.add_get(f"{PREFIX}/pci", self._view(views.pci_tree))
         r.add_get(f"{PREFIX}/devices", self._view(views.devices))
+        r.add_get(PREFIX + "/devices/{name}/trace", self._trace_get)
+        r.add_put(PREFIX + "/devices/{name}/trace", self._trace_put)
         r.add_get(f"{PREFIX}/events", self._events)
         r.add_get(f"{PREFIX}/openapi.json", self._openapi)
         r.add_get("/metrics", self._prometheus)
@@ -152,10 +157,13 @@ class ApiServer:
             await self._runner.cleanup()
 
     def close(self) -> None:
-        """Stop serving and remove the socket (only if it is still ours)."""
+        """Stop serving, take the tracers off the buses, remove the socket (only if it
+        is still ours)."""
         if self._closed:
             return
         self._closed = True
+        for trace in self.traces.values():
+            trace.disable()
         loop, t = self._loop, self._thread
         if loop is not None and t is not None and t.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop already closed
@@ -255,6 +263,41 @@ class ApiServer:
                 return m.pause()
             m.resume()
             return True
+
+    # --- the register trace --------------------------------------------------------------
+    def _trace_of(self, name: str) -> tuple[DeviceTrace, list[Any]] | web.Response:
+        m = self.machine
+        if m is None:
+            return _error(503, "no VM attached")
+        ranges = views.device_ranges(m, name)
+        if ranges is None:
+            return _error(404, f"no device {name[:100]!r} (see GET /api/v1/devices)")
+        return self.traces.setdefault(name, DeviceTrace(name)), ranges
+
+    async def _trace_get(self, request: web.Request) -> web.StreamResponse:
+        got = self._trace_of(request.match_info["name"])
+        if isinstance(got, web.Response):
+            return got
+        return _json(got[0].snapshot())
+
+    async def _trace_put(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        try:
+            enabled, depth = parse_request(body)
+        except ValueError as e:
+            return _error(400, str(e))
+        got = self._trace_of(request.match_info["name"])
+        if isinstance(got, web.Response):
+            return got
+        trace, ranges = got
+        m = self.machine
+        assert m is not None
+        if enabled:
+            t0 = m.started_at if m.started_at is not None else time.monotonic()
+            trace.enable(ranges, depth, t0, lambda: m.vcpu.thread_id)
+        else:
+            trace.disable()
+        return _json(trace.snapshot())
 
     async def _openapi(self, request: web.Request) -> web.StreamResponse:
         return _json(openapi_document())

@@ -141,6 +141,7 @@ class _Owner:
         self.name, self.type, self.kind, self.mode = name, type_, kind, mode
         self.config, self.objs = config, objs
         self.ranges: list[M.BusRange] = []
+        self.raw: list[tuple[str, BusRange]] = []  # (bus kind, the live range)
 
 
 def _owners(m: Machine) -> list[_Owner]:
@@ -173,7 +174,16 @@ def _owners(m: Machine) -> list[_Owner]:
                 board.append(o)
                 by_id[id(dev)] = o
             o.ranges.append(_range(bus, r))
+            o.raw.append((bus.kind, r))
     return board + configured
+
+
+def device_ranges(m: Machine, name: str) -> list[tuple[str, BusRange]] | None:
+    """The live bus ranges of device ``name`` (None: no such device)."""
+    for o in _owners(m):
+        if o.name == name:
+            return o.raw
+    return None
 
 
 def config_names(m: Machine) -> dict[str, DeviceConfig]:
