@@ -373,7 +373,10 @@ def _run_with_api(cfg: MachineConfig, run_machine: Any) -> int:
         from pyvmm.api.server import ApiServer
     except ImportError as e:  # aiohttp is a dependency; a broken install says so
         raise ConfigError(f"--api-socket needs the aiohttp package ({e})") from None
-    server = ApiServer(cfg.api_socket)
+    from pyvmm.machine.config import web_address
+
+    server = ApiServer(cfg.api_socket,
+                       tcp=None if cfg.web is None else web_address(cfg.web))
     try:
         code: int = run_machine(cfg, attach=server.attach).exit_code
         return code

@@ -100,6 +100,9 @@ CASES: list[tuple[list[str], str]] = [
     ([*K, "--api-socket", "nofolder/api.sock"], "does not exist"),
     ([*K, "--api-socket", "s" * 120], "limit of a Unix socket path"),
     ([*K, "--api-socket", "precious.txt", "--memory", "1M"], "too small"),
+    ([*K, "--web", "127.0.0.1:8080"], "web needs api_socket"),
+    ([*K, "--api-socket", "api.sock", "--web", "0.0.0.0:8080"], "only a loopback address"),
+    ([*K, "--api-socket", "api.sock", "--web", "127.0.0.1:http"], "use HOST:PORT"),
     # claimed, then the build fails: the socket goes again (the tree is as it was)
     (["--kernel", "elf-bad.elf", "--api-socket", "api.sock"], "ELF for machine 65535"),
     # exits json

@@ -171,6 +171,12 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": {"description": "OpenAPI 3.1",
                                   "content": {"application/json": {
                                       "schema": {"type": "object"}}}}}}},
+        "/": {"get": {
+            "operationId": "web_page",
+            "summary": "the live web view (plain HTML and JS reading this API)",
+            "responses": {"200": {"description": "the page",
+                                  "content": {"text/html": {
+                                      "schema": {"type": "string"}}}}}}},
         "/metrics": {"get": {
             "operationId": "metrics",
             "summary": "the counters in the Prometheus text exposition format",

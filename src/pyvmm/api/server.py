@@ -24,9 +24,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -35,7 +38,7 @@ from pyvmm.api import models as M
 from pyvmm.api import views
 from pyvmm.api.openapi import openapi_document
 from pyvmm.api.trace import DeviceTrace, parse_request
-from pyvmm.errors import StateError
+from pyvmm.errors import ConfigError, StateError
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.unix_socket import close_unix, listen_unix
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyvmm.api")
 
 PREFIX = "/api/v1"
+_PAGE = Path(__file__).parent / "web" / "index.html"  # the live view (package data)
 MAX_BODY = 64 << 10  # a control request is a few bytes; anything larger is refused
 QUEUE_DEPTH = 16  # event-stream deltas waiting for one client before it is dropped
 MAX_STREAMS = 16  # event-stream clients at once
@@ -73,12 +77,29 @@ class _Stream:
 
 
 class ApiServer:
-    def __init__(self, path: str, *, interval: float = 1.0) -> None:
-        """Claim ``path`` now (a ConfigError, one line, if something is there), before
-        the VM is built; serve from ``attach``."""
+    def __init__(self, path: str, *, interval: float = 1.0,
+                 tcp: tuple[str, int] | None = None) -> None:
+        """Claim ``path`` (and ``web``'s loopback TCP port) now — a ConfigError, one
+        line, if something is there — before the VM is built; serve from ``attach``.
+        ``tcp`` is the ``web`` option's loopback address."""
         self.path = path
         self.interval = interval
         self.sock, self._inode = listen_unix(path, "api-socket", backlog=64)
+        self.web_sock: socket.socket | None = None
+        self.web_url: str | None = None
+        self._web_hosts: set[str] = set()
+        if tcp is not None:
+            try:
+                self.web_sock = _listen_tcp(*tcp)
+            except BaseException:
+                close_unix(self.sock, self.path, self._inode)
+                raise
+            host, port = self.web_sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            self.web_url = f"http://{shown}:{port}/"
+            # DNS rebinding: a page of another site that resolves its name to 127.0.0.1
+            # must not reach the API; only these Host headers are answered.
+            self._web_hosts = {f"{shown}:{port}", f"localhost:{port}"}
         self.machine: Machine | None = None
         self.errors = OnceLog()
         self.streams: set[_Stream] = set()
@@ -142,6 +163,7 @@ class ApiServer:
         r.add_get(f"{PREFIX}/events", self._events)
         r.add_get(f"{PREFIX}/openapi.json", self._openapi)
         r.add_get("/metrics", self._prometheus)
+        r.add_get("/", self._page)
         # Screen (PNG) and keyboard/mouse input plug in here once the VGA display and
         # the PS/2 devices exist (docs/api.md, "Not yet here").
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -149,6 +171,9 @@ class ApiServer:
         await self._runner.setup()
         site = web.SockSite(self._runner, self.sock)
         await site.start()
+        if self.web_sock is not None:
+            await web.SockSite(self._runner, self.web_sock).start()
+            print(f"pyvmm: web view on {self.web_url}", file=sys.stderr, flush=True)
 
     async def _shutdown(self) -> None:
         for s in list(self.streams):
@@ -170,11 +195,17 @@ class ApiServer:
                 loop.call_soon_threadsafe(loop.stop)
             t.join(10)
         close_unix(self.sock, self.path, self._inode)
+        if self.web_sock is not None:
+            self.web_sock.close()
 
     # --- plumbing ----------------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.requests += 1
+        if self._web_hosts and isinstance(
+                request.transport.get_extra_info("sockname") if request.transport else None,
+                tuple) and request.host not in self._web_hosts:
+            return _error(403, f"Host {request.host[:100]!r} is not this VM's web address")
         try:
             return await handler(request)
         except web.HTTPException as e:
@@ -299,6 +330,10 @@ class ApiServer:
             trace.disable()
         return _json(trace.snapshot())
 
+    async def _page(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=_PAGE.read_bytes(), content_type="text/html",
+                            charset="utf-8")
+
     async def _openapi(self, request: web.Request) -> web.StreamResponse:
         return _json(openapi_document())
 
@@ -398,6 +433,19 @@ class _OnceHandler(logging.Handler):
 
 class _NoVm(Exception):
     pass
+
+
+def _listen_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(64)
+    except OSError as e:
+        s.close()
+        raise ConfigError(f"web {host}:{port}: {e.strerror or e}") from None
+    return s
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
