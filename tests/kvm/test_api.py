@@ -256,6 +256,10 @@ def test_metrics_parse_and_count(vm: Path) -> None:
     writes = [s.value for s in fams["pyvmm_device_exits"].samples
               if s.labels["device"] == "serial0" and s.labels["access"] == "write"]
     assert writes and writes[0] > 0
+    scr = [s.value for s in fams["pyvmm_register_accesses"].samples
+           if s.labels["device"] == "serial0" and s.labels["offset"] == "0x7"
+           and s.labels["access"] == "write" and s.labels["size"] == "1"]
+    assert scr and scr[0] > 0  # pio-loop's writes, at the scratch register
     io = [s.value for s in fams["pyvmm_exits"].samples if s.labels.get("kind") == "io"]
     assert io and io[0] >= writes[0]
     irq = {(s.labels["route"], s.labels["gsi"]) for s in fams["pyvmm_interrupts"].samples}

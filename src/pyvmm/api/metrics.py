@@ -68,6 +68,7 @@ class VmCollector(Collector):
                 dev.add_metric([d.name, r.name, r.bus, base, "read"], r.reads)
                 dev.add_metric([d.name, r.name, r.bus, base, "write"], r.writes)
         yield dev
+        yield self._registers(m)
         irq = CounterMetricFamily("pyvmm_interrupts", "interrupts raised, by route and "
                                   "GSI/vector", labels=["route", "gsi", "vector", "source"])
         for i in c.interrupts:
@@ -86,6 +87,23 @@ class VmCollector(Collector):
                                     "event-stream clients dropped for not reading")
             g.add_metric([], self.server.dropped_streams)
             yield g
+
+    def _registers(self, m: Machine) -> Metric:
+        """Trapped accesses by register offset: the buses' per-(offset, size, kind)
+        counts, the same the exit table is made from."""
+        fam = CounterMetricFamily("pyvmm_register_accesses", "trapped guest accesses by "
+                                  "device, bus range, register offset, size and direction",
+                                  labels=["device", "range", "base", "offset", "size",
+                                          "access"])
+        names = {id(r): o.name for o in views.owners(m) for _, r in o.raw}
+        for bus in (m.pio, m.mmio):
+            for r in bus.ranges():
+                counts = dict(r.counts)  # one C-level copy: the vCPU thread adds keys
+                for key, n in sorted(counts.items()):
+                    fam.add_metric([names.get(id(r), r.name), r.name, f"{r.base:#x}",
+                                    f"{key >> 4:#x}", str((key >> 1) & 7),
+                                    "write" if key & 1 else "read"], n)
+        return fam
 
     def _device_counters(self, m: Machine) -> Iterator[Metric]:
         fams: dict[str, CounterMetricFamily] = {}

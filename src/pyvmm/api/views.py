@@ -178,6 +178,11 @@ def _owners(m: Machine) -> list[_Owner]:
     return board + configured
 
 
+def owners(m: Machine) -> list[_Owner]:
+    """Every device with its live bus ranges (``raw``)."""
+    return _owners(m)
+
+
 def device_ranges(m: Machine, name: str) -> list[tuple[str, BusRange]] | None:
     """The live bus ranges of device ``name`` (None: no such device)."""
     for o in _owners(m):
