@@ -10,11 +10,12 @@ import signal
 import sys
 from typing import Any, NoReturn, Protocol
 
-from pyvmm import schema
+from pyvmm import sandbox, schema
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.errors import ConfigError, KvmError, KvmUnavailable, PvmProbeError, PyvmmError
 from pyvmm.machine.config import MachineConfig, device_entry, load_json_object
 from pyvmm.registry import DEVICES, find
+from pyvmm.sandbox import SeccompMode
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 2
@@ -127,6 +128,9 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
                    help="Unix socket to listen on (repeat with --disk for more images)")
     b.add_argument("--disk", action="append", help="raw image for each socket")
     b.add_argument("--readonly", action="store_true", help="serve the images read-only")
+    b.add_argument("--seccomp", choices=[m.value for m in SeccompMode],
+                   default=SeccompMode.ENFORCE.value, help="the process's system-call "
+                   "allow-list once it is set up (docs/security.md; default enforce)")
     i = sub.add_parser("info", help="describe the machine")
     i.add_argument("--machine", action="store_true", help="print the machine map")
     i.add_argument("--devices", action="store_true", help="list the devices of the registry")
@@ -227,14 +231,15 @@ def _backend(a: argparse.Namespace) -> int:
         raise ConfigError("give one --disk for each --socket")
     server = VhostUserServer()
     backends = [RawBlockBackend(d, a.readonly) for d in a.disk]  # checks every image first
-    pool = IoPool()  # shared by every session: requests that would block on the disk
+    # shared by every session: requests that would block on the disk
+    pool = IoPool(thread_init=functools.partial(sandbox.apply, "io-pool", a.seccomp))
     for i, (path, be) in enumerate(zip(a.socket, backends, strict=True)):
         try:
             server.listen(path, functools.partial(VirtioBlk, be, serial=f"pyvmm-vu{i}",
                                                   pool=pool))
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
-    return _serve(server, f"vhost-user-blk serving {len(backends)} image(s)")
+    return _serve(server, f"vhost-user-blk serving {len(backends)} image(s)", a.seccomp)
 
 
 def _vhost_user_net(a: argparse.Namespace) -> int:
@@ -267,7 +272,7 @@ def _vhost_user_net(a: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
     return _serve(server, f"vhost-user-net: a switch with {len(a.socket)} port(s)"
-                  + (f" and uplink {a.tap}" if a.tap else ""))
+                  + (f" and uplink {a.tap}" if a.tap else ""), a.seccomp)
 
 
 class _Server(Protocol):
@@ -276,10 +281,14 @@ class _Server(Protocol):
     def close(self) -> None: ...
 
 
-def _serve(server: _Server, what: str) -> int:
+def _serve(server: _Server, what: str, seccomp: str) -> int:
     print(f"pyvmm: {what}", file=sys.stderr, flush=True)
     # SIGTERM is a clean stop too: sockets removed, sessions closed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Set up (images open, sockets listening): from here on the process does only what
+    # serving needs. Threads started before (an I/O pool) filter themselves.
+    sandbox.prepare(seccomp)
+    sandbox.apply("backend", seccomp)
     try:
         server.serve_forever()
     except (KeyboardInterrupt, SystemExit):
@@ -345,7 +354,7 @@ def _vfio_user(a: argparse.Namespace) -> int:
         server = VfioUserServer(a.socket[0], make, events)
     except OSError as e:
         raise ConfigError(f"cannot listen on {a.socket[0]}: {e.strerror}") from None
-    return _serve(server, f"vfio-user exporting {name}")
+    return _serve(server, f"vfio-user exporting {name}", a.seccomp)
 
 
 def _config_ref(a: argparse.Namespace) -> int:

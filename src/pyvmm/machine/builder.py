@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
+from pyvmm import sandbox
 from pyvmm.acpi import tables as acpi_tables
 from pyvmm.backends.char import CharSpec, SerialIo
 from pyvmm.backends.io_pool import IoPool
@@ -101,7 +102,10 @@ class BuildContext:
     def io_pool(self) -> IoPool:
         m = self._b.m
         if m.io_pool is None:
-            m.io_pool = IoPool()  # closed by Machine.close before any image fd
+            mode = m.cfg.seccomp
+            sandbox.prepare(mode)
+            m.io_pool = IoPool(thread_init=lambda: sandbox.apply("io-pool", mode))
+            # closed by Machine.close before any image fd
         return m.io_pool
 
     def on_close(self, fn: Callable[[], None]) -> None:

@@ -27,6 +27,7 @@ from pyvmm.devices.spec import DeviceConfig, DeviceSpec
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import DEBUG_EXIT_BASE, MiB
 from pyvmm.registry import DEVICES, find
+from pyvmm.sandbox import SeccompMode
 from pyvmm.schema import Size, option, parse_size
 
 MIN_MEMORY = 2 * MiB
@@ -82,6 +83,9 @@ class MachineConfig:
                                   "LAPIC in KVM, PIC/IOAPIC/PIT in Python")
     msi: MsiPath = option(MsiPath.IRQFD, "device MSI/MSI-X: irqfd (an irqfd and GSI route per "
                           "vector) or signal (KVM_SIGNAL_MSI per message)")
+    seccomp: SeccompMode = option(SeccompMode.ENFORCE, "per-thread system-call allow-lists "
+                                  "(vCPU, event loop, I/O pool): enforce refuses others with "
+                                  "EPERM, log only logs them (docs/security.md)")
     api_socket: str | None = option(None, "serve the control API (HTTP/1.1, docs/api.md) on this "
                                     "Unix socket while the VM runs", metavar="PATH")
     web: str | None = option(None, "also serve the API and its live web page on this "
