@@ -55,6 +55,15 @@ class Kind(enum.StrEnum):
     ISA = "isa"
 
 
+class Mode(enum.StrEnum):
+    """How the guest's accesses reach the device's logic (what docs/api.md reports)."""
+
+    EMULATED = "emulated"  # registers trapped: every access an exit to the VMM
+    PARAVIRTUAL = "paravirtual"  # virtio: rings in guest memory, kicks by ioeventfd
+    OUT_OF_PROCESS = "out-of-process"  # virtio rings served by another process
+    ASSIGNED = "assigned"  # BARs mapped into the guest, interrupts by irqfd
+
+
 class Transport(enum.StrEnum):
     PCI = "pci"
     MMIO = "mmio"
@@ -190,3 +199,10 @@ class DeviceSpec(NamedTuple):
     gsi: int | tuple[int, ...] | None = None  # fixed ISA interrupt line(s): ctx.line(i)
     exportable: bool = True  # can be served over vfio-user (PCI and virtio kinds)
     doc: str = ""  # docs/devices/<page>.md
+    mode: Mode | None = None  # default: PARAVIRTUAL for VIRTIO, else EMULATED
+
+    @property
+    def io_mode(self) -> Mode:
+        if self.mode is not None:
+            return self.mode
+        return Mode.PARAVIRTUAL if self.kind is Kind.VIRTIO else Mode.EMULATED
