@@ -425,8 +425,8 @@ class VfioUserDevice(PCIDevice):
 
     def _check_bar(self, r: Region) -> None:
         size, i = r.size, r.index
-        if size & (size - 1) or size < 16:
-            raise BackendError(f"BAR {i} of {size:#x} bytes is not a power of two >= 16")
+        if size & (size - 1) or size < 4:
+            raise BackendError(f"BAR {i} of {size:#x} bytes is not a power of two")
         if size > MAX_BAR_64:
             raise BackendError(f"BAR {i} of {size:#x} bytes is absurd")
 
@@ -513,7 +513,7 @@ class VfioUserDevice(PCIDevice):
             r.is_64bit = not r.is_io and reg & 0x6 == PC.PCI_BASE_ADDRESS_MEM_TYPE_64
             r.prefetchable = not r.is_io and bool(reg & PC.PCI_BASE_ADDRESS_MEM_PREFETCH)
             limit = 1 << 16 if r.is_io else (MAX_BAR_64 if r.is_64bit else MAX_BAR_32)
-            if r.size > limit or (r.is_64bit and i == 5):
+            if r.size > limit or (r.is_64bit and i == 5) or (not r.is_io and r.size < 16):
                 raise BackendError(f"BAR {i} ({'io' if r.is_io else 'mem'}, {r.size:#x} "
                                    "bytes) cannot be placed")
             if r.is_io and r.areas:
