@@ -36,7 +36,7 @@ from vhost_user_blk import cpu_seconds  # noqa: E402
 
 GUEST = ROOT / "guests" / "out" / "nvme.elf"
 FEW = 20
-CONFIGS = ("in-VMM nvme", "vfio-user client nvme")
+CONFIGS = ("in-VMM nvme", "vfio-user client nvme", "vfio-user client nvme, posted_writes")
 
 
 def run_one(config: str, d: Path, img: Path, n: int) -> tuple[str, float, int, float]:
@@ -53,13 +53,14 @@ def run_one(config: str, d: Path, img: Path, n: int) -> tuple[str, float, int, f
         deadline = time.monotonic() + 30
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        disk = ["--device", f"vfio-user,socket={sock}"]
+        disk = ["--device", f"vfio-user,socket={sock}"
+                + (",posted_writes=on" if "posted" in config else "")]
     try:
         s0 = cpu_seconds(server.pid) if server else 0.0
         js = d / "x.json"
         out, cpu = timed([sys.executable, "-m", "pyvmm", "run", "-q", "--timeout", "300",
                           "--no-pci-testdev", "--kernel", str(GUEST), *disk,
-                          "--cmdline", f"bench={n}", "--exits-json", str(js)])
+                          "--cmdline", f"bench={n} spin=20000000000", "--exits-json", str(js)])
         s = cpu_seconds(server.pid) - s0 if server else 0.0
         exits = sum(json.loads(js.read_text())["exits"].values())
     finally:

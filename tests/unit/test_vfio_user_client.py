@@ -88,6 +88,7 @@ class FakeServer:
         self.sizes = {0: 0x1000, 1: 0x1000, 2: 0x4000, 7: 256, **(sizes or {})}
         self.shm = sealed_memfd("fake-bar2", self.sizes[2] or 4096)
         self.log: list[tuple[int, bytes, int]] = []  # command, payload, fds
+        self.flags: list[tuple[int, int]] = []  # command, header flags
         self.irq_fds: list[int] = []
         self.writes: list[tuple[int, int, bytes]] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -96,7 +97,7 @@ class FakeServer:
     def commands(self) -> list[int]:
         return [c for c, *_ in self.log]
 
-    def _recv(self) -> tuple[int, int, bytes, list[int]] | None:
+    def _recv(self) -> tuple[int, int, int, bytes, list[int]] | None:
         raw, anc, _, _ = self.sock.recvmsg(P.HEADER.size, socket.CMSG_SPACE(4 * 32))
         if len(raw) < P.HEADER.size:
             return None
@@ -106,10 +107,10 @@ class FakeServer:
                 a = array.array("i")
                 a.frombytes(data[:len(data) - len(data) % 4])
                 fds.extend(a)
-        msg_id, cmd, size, _flags, _err = P.HEADER.unpack(raw)
+        msg_id, cmd, size, flags, _err = P.HEADER.unpack(raw)
         payload = self.sock.recv(size - P.HEADER.size, socket.MSG_WAITALL) if (
             size > P.HEADER.size) else b""
-        return msg_id, cmd, payload, fds
+        return msg_id, cmd, flags, payload, fds
 
     def _answer(self, msg_id: int, cmd: int, p: bytes) -> tuple[bytes, list[int]]:
         if cmd == C.VERSION:
@@ -151,8 +152,9 @@ class FakeServer:
                 m = self._recv()
                 if m is None:
                     return
-                msg_id, cmd, payload, fds = m
+                msg_id, cmd, flags, payload, fds = m
                 self.log.append((cmd, payload, len(fds)))
+                self.flags.append((cmd, flags))
                 if cmd == C.DEVICE_SET_IRQS:
                     self.irq_fds += fds
                 else:
@@ -166,6 +168,8 @@ class FakeServer:
                 else:
                     ans = self._answer(msg_id, cmd, payload)
                 data, out = ans
+                if flags & P.FLAG_NO_REPLY:  # a posted write: answered by nothing
+                    data = b""
                 if data:
                     socket.send_fds(self.sock, [data], out) if out else self.sock.sendall(data)
                 if scripted:  # made for this answer (the good one sends its own BAR memfd)
@@ -285,11 +289,32 @@ def test_mmapable_bar_follows_the_bar_as_a_memslot(rig_factory: Callable[..., Ri
 
 def test_trapped_bar_accesses_are_region_messages(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory()
-    dev = rig.make()
+    dev = rig.make(posted_writes=True)
     assert dev.read_bar(0, 0x20, 4) == 0xA0000020
     dev.write_bar(0, 0x24, 2, 0xBEEF)
+    assert dev.read_bar(0, 0x28, 4) == 0xA0000028  # ordered after the posted write
     assert rig.fake.writes[-1] == (0, 0x24, b"\xef\xbe")
-    assert dev.metrics()["trapped_reads"] == 1 and dev.metrics()["trapped_writes"] == 1
+    flags = [f for c, f in rig.fake.flags if c == C.REGION_WRITE]
+    assert flags == [P.FLAG_NO_REPLY]  # a memory write is posted
+    assert dev.metrics()["trapped_reads"] == 2 and dev.metrics()["trapped_writes"] == 1
+
+
+def test_writes_wait_while_an_area_is_mapped(rig_factory: Callable[..., Rig]) -> None:
+    """A guest access through the mapping must not overtake a write (PCI ordering)."""
+    rig = rig_factory()
+    dev = rig.make(posted_writes=True)
+    dev.bar_moved(2, 0xC0004000)
+    dev.write_bar(0, 0x24, 4, 7)
+    assert rig.fake.writes[-1] == (0, 0x24, b"\x07\0\0\0")  # there before we returned
+    assert [f for c, f in rig.fake.flags if c == C.REGION_WRITE] == [0]
+
+
+def test_unposted_writes_wait_for_their_reply(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    dev = rig.make()  # the default
+    dev.write_bar(0, 0x24, 4, 7)
+    assert rig.fake.writes[-1] == (0, 0x24, b"\x07\0\0\0")  # there before we returned
+    assert [f for c, f in rig.fake.flags if c == C.REGION_WRITE] == [0]
 
 
 def test_msix_enable_hands_over_eventfds_and_the_table_is_ours(rig_factory: Callable[..., Rig]

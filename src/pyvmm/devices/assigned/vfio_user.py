@@ -21,7 +21,12 @@ wherever it can: direct assignment, with a socket where the IOMMU group would be
   address (``ctx.bar_mapper()``), following BAR moves: the guest's accesses there
   never exit. Every other BAR access is trapped, counted in the exit table under
   ``<name>.bar<i>``, and forwarded as REGION_READ/WRITE — except the MSI-X table and
-  PBA, which are the VMM's.
+  PBA, which are the VMM's. Each access waits for its reply, so a write has taken
+  effect in the server when the vCPU goes on — what an emulated device gives and
+  tiny guests with short polling budgets rely on. With ``posted_writes=on`` memory-BAR
+  writes are sent no-reply instead (as PCI posts memory writes), while no BAR area
+  is mapped (a guest access through a mapping would bypass the stream and overtake
+  them).
 - **Interrupts:** when the guest enables MSI-X, DEVICE_SET_IRQS hands the server one
   eventfd per vector: the vector's **KVM irqfd** (its route follows the guest's table
   writes), so an interrupt goes device → KVM → guest with no VMM thread. Without
@@ -112,6 +117,10 @@ class VfioUserConfig(DeviceConfig):
                             "replies (connecting included)")
     mmap: bool = option(True, "map the server's mmap'able BAR areas into the guest as "
                         "KVM memslots (off: every BAR access is a message)")
+    posted_writes: bool = option(False, "send trapped memory-BAR writes without waiting "
+                                 "for the reply (PCI posts memory writes) while no BAR area "
+                                 "is mapped into the guest (off: each write returns once the "
+                                 "server has handled it)")
 
     def check(self) -> None:
         if not 0 < self.timeout <= 600:
@@ -224,6 +233,14 @@ class Client:
             buf += data
         return bytes(buf)
 
+    def post(self, cmd: P.Command, payload: bytes, what: str = "") -> None:
+        """Send ``cmd`` flagged no-reply: the server answers nothing, not even an error
+        (a posted write). Ordered with every other message on the stream."""
+        self._id = (self._id + 1) & 0xFFFF
+        self._send(P.encode(self._id, cmd, payload, P.FLAG_NO_REPLY), [],
+                   time.monotonic() + self.timeout, what or cmd.name)
+        self.messages += 1
+
     def request(self, cmd: P.Command, payload: bytes = b"", fds: list[int] | None = None,
                 *, nfds: int = 0, what: str = "") -> tuple[bytes, list[int]]:
         """Send ``cmd`` and return the reply's payload and its fds (at most ``nfds``,
@@ -314,13 +331,14 @@ class VfioUserDevice(PCIDevice):
 
     def __init__(self, client: Client, *, name: str, mem: GuestMemory, events: EventManager,
                  msi: MsiSink, bar_mapper: BarMapper | None, path: str = "",
-                 use_mmap: bool = True) -> None:
+                 use_mmap: bool = True, posted_writes: bool = False) -> None:
         super().__init__()
         self.name, self.path, self.events = name, path, events
         self.errors = OnceLog()
         self.lock = threading.RLock()  # vCPU (config, BARs) vs event loop (HUP, vectors)
         self._client: Client | None = client
         self.mapper = bar_mapper if use_mmap else None
+        self.posted_writes = posted_writes
         self.regions: dict[int, Region] = {}
         self.msix: MsixCapability | None = None
         self._forward_fds: list[int | None] = []  # own eventfds where no irqfd exists
@@ -787,6 +805,21 @@ class VfioUserDevice(PCIDevice):
             if self.failed is not None or index not in self.regions:
                 return
             self.trapped_writes += 1
+            c = self._client
+            if (self.posted_writes and c is not None and not self.regions[index].is_io
+                    and not self._mapped()):
+                # A memory write is posted on PCI: the vCPU goes on at once (a doorbell
+                # costs one send, not a round trip); a later read or non-posted write
+                # is ordered after it on the stream. I/O writes are non-posted. Not while
+                # any BAR area is mapped: a guest access there bypasses the stream and
+                # could overtake the write, which PCI ordering forbids (a read does not
+                # pass a posted write to the same function).
+                try:
+                    c.post(P.Command.REGION_WRITE, P.REGION_ACCESS.pack(offset, index, size)
+                           + (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+                except BackendError as e:
+                    self._fail(str(e))
+                return
             self._access(index, offset, size, value)
 
     def bar_moved(self, index: int, new: int | None) -> None:
@@ -813,6 +846,9 @@ class VfioUserDevice(PCIDevice):
     @property
     def connected(self) -> bool:
         return self._client is not None
+
+    def _mapped(self) -> bool:
+        return any(a.handle is not None for r in self.regions.values() for a in r.areas)
 
     def mapped_areas(self) -> list[tuple[int, int, int]]:
         """(BAR, offset, size) of each area mapped into the guest now."""
@@ -844,7 +880,8 @@ def create(cfg: VfioUserConfig, ctx: HostContext) -> VfioUserDevice:
     try:
         dev = VfioUserDevice(Client(sock, cfg.timeout), name=ctx.name, mem=ctx.mem,
                              events=ctx.events, msi=ctx.msi, bar_mapper=ctx.bar_mapper(),
-                             path=cfg.socket, use_mmap=cfg.mmap)
+                             path=cfg.socket, use_mmap=cfg.mmap,
+                             posted_writes=cfg.posted_writes)
     except BackendError as e:
         sock.close()
         raise ConfigError(f"{ctx.name}: vfio-user server {cfg.socket!r}: {e}") from None
