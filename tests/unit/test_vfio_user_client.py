@@ -620,3 +620,78 @@ def test_refused_access_is_all_ones_and_the_device_goes_on(rig_factory: Callable
     del rig.fake.script[C.REGION_READ]
     assert dev.read_bar(0, 0, 4) == 0xA0000000
     assert dev.metrics()["refusals"] == 1
+
+
+# --- masking on the irqfd path ---------------------------------------------------------------
+class IrqfdVector(RecordingMsiSink):
+    """A vector sink with an eventfd, as the irqchip's irqfd vectors have; what the VMM
+    itself sends through it is recorded (``sent``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def eventfd(self, msg: Any) -> int:
+        return self.fd
+
+    def route(self, msg: Any) -> None:
+        pass
+
+
+class IrqfdChip(RecordingMsiSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vectors: list[IrqfdVector] = []
+
+    def vector_sink(self) -> IrqfdVector:
+        self.vectors.append(IrqfdVector())
+        return self.vectors[-1]
+
+
+def _handed(rig: Rig) -> list[tuple[int, int, int]]:
+    """(start, count, fds) of every MSI-X SET_IRQS the server got."""
+    return [(P.IRQ_SET.unpack(p)[3], P.IRQ_SET.unpack(p)[4], n) for c, p, n in rig.fake.log
+            if c == C.DEVICE_SET_IRQS and P.IRQ_SET.unpack(p)[1] & P.VFIO_IRQ_SET_DATA_EVENTFD]
+
+
+def test_masking_swaps_the_irqfd_for_a_pba_eventfd(rig_factory: Callable[..., Rig]) -> None:
+    """A masked vector's server side signals the VMM's eventfd (→ PBA bit), an unmasked
+    one's the irqfd; unmasking swaps back and delivers what is pending."""
+    rig = rig_factory()
+    chip = IrqfdChip()
+    rig.msi = chip
+    try:
+        dev = rig.make()
+        msix = dev.msix
+        assert msix is not None
+        dev.write_bar(1, 0, 4, 0xFEE00000)
+        dev.write_bar(1, 8, 4, 0x41)
+        dev.write_bar(1, 12, 4, 0)  # vector 0 unmasked, vector 1 masked (reset state)
+        dev.config_write(0x42, 2, PC.PCI_MSIX_FLAGS_ENABLE)
+        assert _handed(rig) == [(0, 2, 2)] and dev.metrics()["fast_vectors"] == 1
+        server0, server1 = rig.fake.irq_fds[0], rig.fake.irq_fds[1]
+        # The server's fd for vector 0 is the irqfd: written by it, nothing for the VMM.
+        os.eventfd_write(server0, 1)
+        assert os.eventfd_read(chip.vectors[0].fd) == 1
+        # Vector 1 is masked: its signal becomes a PBA bit, not an interrupt.
+        os.eventfd_write(server1, 1)
+        rig.events.run_once(1)
+        assert msix.pending(1) and chip.vectors[1].sent == []
+        # Masking vector 0 hands the server the VMM's eventfd for it.
+        dev.write_bar(1, 12, 4, 1)
+        assert _handed(rig)[-1] == (0, 1, 1) and dev.metrics()["fast_vectors"] == 0
+        # Unmasking vector 1 delivers its pending interrupt and hands over its irqfd.
+        dev.write_bar(1, 16, 4, 0xFEE00000)
+        dev.write_bar(1, 24, 4, 0x42)
+        dev.write_bar(1, 28, 4, 0)
+        assert not msix.pending(1) and [m.data for m in chip.vectors[1].sent] == [0x42]
+        assert _handed(rig)[-1] == (1, 1, 1) and dev.metrics()["fast_vectors"] == 1
+        # The function mask masks every vector: both go to the VMM's eventfds.
+        dev.config_write(0x42, 2, PC.PCI_MSIX_FLAGS_ENABLE | PC.PCI_MSIX_FLAGS_MASKALL)
+        assert dev.metrics()["fast_vectors"] == 0
+    finally:
+        if rig.dev is not None:
+            rig.dev.close()
+            rig.dev = None
+        for v in chip.vectors:
+            os.close(v.fd)

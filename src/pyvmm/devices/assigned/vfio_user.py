@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 
 from pyvmm.devices.pci.config_space import BarChange, PCIConfigSpace, WriteHook
 from pyvmm.devices.pci.device import PCIDevice
+from pyvmm.devices.pci.msi import MsiCapability
 from pyvmm.devices.pci.msix import MsixCapability
 from pyvmm.devices.spec import DeviceConfig, DeviceSpec, HostContext, Kind
 from pyvmm.errors import BackendError, ConfigError, GuestMemoryError
@@ -99,6 +100,7 @@ OWN_RANGES = ((PC.PCI_BASE_ADDRESS_0, PC.PCI_BASE_ADDRESS_0 + 24),
               (PC.PCI_ROM_ADDRESS, PC.PCI_ROM_ADDRESS + 4),
               (PC.PCI_INTERRUPT_LINE, PC.PCI_INTERRUPT_PIN + 1))
 MSIX_CAP_SIZE = 12
+MSI_CAP_SIZE = 24  # 64-bit address with per-vector masking: the layout MsiCapability has
 
 
 class Refused(BackendError):
@@ -341,7 +343,12 @@ class VfioUserDevice(PCIDevice):
         self.posted_writes = posted_writes
         self.regions: dict[int, Region] = {}
         self.msix: MsixCapability | None = None
-        self._forward_fds: list[int | None] = []  # own eventfds where no irqfd exists
+        self.msi: MsiCapability | None = None
+        self._msi_fds: list[int] = []  # our eventfds the server signals for MSI vectors
+        self._intx_fd: int | None = None  # ... and for INTx
+        self.intx_forwards = 0
+        self._forward_fds: list[int | None] = []  # own eventfds: masked vectors, no irqfd
+        self._handed: list[str | None] = []  # per vector: "irqfd", "forward" (or None)
         self.failed: str | None = None
         self.trapped_reads = self.trapped_writes = self.config_messages = 0
         self.interrupt_forwards = self.fast_vectors = self.refusals = 0
@@ -386,6 +393,8 @@ class VfioUserDevice(PCIDevice):
                 self.regions[i] = r
         self._build_config(raw, cfg.size)
         self._setup_msix(c, raw, nirqs, msi)
+        self._setup_msi(c, raw, nirqs, msi)
+        self._setup_intx(c, raw, nirqs)
         for ram in mem.regions():  # the device DMAs into guest RAM directly
             c.request(P.Command.DMA_MAP, P.DMA_MAP.pack(
                 P.DMA_MAP.size, P.VFIO_USER_F_DMA_REGION_READ | P.VFIO_USER_F_DMA_REGION_WRITE,
@@ -514,7 +523,7 @@ class VfioUserDevice(PCIDevice):
         for off in range(PC.PCI_BASE_ADDRESS_0, PC.PCI_BASE_ADDRESS_0 + 24):
             c.data[off] = 0
         c.set32(PC.PCI_ROM_ADDRESS, 0)
-        c.data[PC.PCI_INTERRUPT_PIN] = 0  # no INTx through the client
+        c.data[PC.PCI_INTERRUPT_PIN] = 0  # set by _setup_intx if the server has INTx
         c.data[PC.PCI_INTERRUPT_LINE] = 0
         skip = -1
         for i in range(PC.PCI_STD_NUM_BARS):
@@ -572,13 +581,7 @@ class VfioUserDevice(PCIDevice):
                                f"{vectors} vectors does not fit its BAR")
         if nirqs <= P.VFIO_PCI_MSIX_IRQ_INDEX:
             raise BackendError("has an MSI-X capability but no MSI-X IRQ index")
-        body, _ = c.request(P.Command.DEVICE_GET_IRQ_INFO, P.IRQ_INFO.pack(
-            P.IRQ_INFO.size, 0, P.VFIO_PCI_MSIX_IRQ_INDEX, 0))
-        if len(body) < P.IRQ_INFO.size:
-            raise BackendError(f"IRQ_INFO reply of {len(body)} bytes")
-        _a, iflags, index, count = P.IRQ_INFO.unpack_from(body)
-        if index != P.VFIO_PCI_MSIX_IRQ_INDEX or not iflags & P.VFIO_IRQ_INFO_EVENTFD:
-            raise BackendError(f"IRQ_INFO for MSI-X answered index {index} flags {iflags:#x}")
+        count = self._irq_info(c, P.VFIO_PCI_MSIX_IRQ_INDEX)
         if count != vectors:
             raise BackendError(f"MSI-X capability has {vectors} vectors, IRQ_INFO {count}")
         # The table and PBA are the VMM's: an mmap'able area over them is not mapped.
@@ -594,6 +597,74 @@ class VfioUserDevice(PCIDevice):
         finally:
             cfgsp.place_at = None
         self._forward_fds = [None] * vectors
+
+    def _irq_info(self, c: Client, index: int) -> int:
+        """The vector count of IRQ index ``index`` (which must take eventfds)."""
+        body, _ = c.request(P.Command.DEVICE_GET_IRQ_INFO, P.IRQ_INFO.pack(
+            P.IRQ_INFO.size, 0, index, 0), what=f"IRQ_INFO {index}")
+        if len(body) < P.IRQ_INFO.size:
+            raise BackendError(f"IRQ_INFO reply of {len(body)} bytes")
+        _a, flags, rindex, count = P.IRQ_INFO.unpack_from(body)
+        if rindex != index or not flags & P.VFIO_IRQ_INFO_EVENTFD:
+            raise BackendError(f"IRQ_INFO for index {index} answered index {rindex} "
+                               f"flags {flags:#x}")
+        return int(count)
+
+    def _setup_msi(self, c: Client, raw: bytes, nirqs: int, msi: MsiSink) -> None:
+        """MSI, emulated here at the server's offset when its capability has the layout
+        the VMM's emulation has (64-bit, per-vector masking); else it stays the
+        server's, forwarded, and MSI is not delivered (docs: not modelled)."""
+        off = self._find_cap(raw, PC.PCI_CAP_ID_MSI)
+        if off is None or nirqs <= P.VFIO_PCI_MSI_IRQ_INDEX:
+            return
+        flags = int.from_bytes(raw[off + 2:off + 4], "little")
+        want = PC.PCI_MSI_FLAGS_64BIT | PC.PCI_MSI_FLAGS_MASKBIT
+        vectors = 1 << ((flags & PC.PCI_MSI_FLAGS_QMASK) >> 1)
+        if (flags & want != want or off % 4 or off + MSI_CAP_SIZE > PC.PCI_CFG_SPACE_SIZE
+                or vectors > 32):
+            return
+        msix = self.msix
+        if msix is not None and _overlaps(off, MSI_CAP_SIZE,
+                                          [(msix.off, msix.off + MSIX_CAP_SIZE)]):
+            raise BackendError(f"MSI capability at {off:#x} overlaps MSI-X's")
+        count = self._irq_info(c, P.VFIO_PCI_MSI_IRQ_INDEX)
+        if count != vectors:
+            raise BackendError(f"MSI capability has {vectors} vectors, IRQ_INFO {count}")
+        cfgsp = self.config
+        assert isinstance(cfgsp, _MirrorConfig)
+        cfgsp.place_at = off
+        try:
+            self.msi = MsiCapability(cfgsp, msi, vectors)
+        finally:
+            cfgsp.place_at = None
+
+    def _setup_intx(self, c: Client, raw: bytes, nirqs: int) -> None:
+        """INTx, when the server has it: our eventfd, which the server signals on each
+        rising edge of its line; the VMM pulses the function's GSI (see the docs)."""
+        pin = raw[PC.PCI_INTERRUPT_PIN]
+        if not 1 <= pin <= 4 or nirqs <= P.VFIO_PCI_INTX_IRQ_INDEX:
+            return
+        if self._irq_info(c, P.VFIO_PCI_INTX_IRQ_INDEX) != 1:
+            return
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._intx_fd = fd
+        c.request(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
+            P.IRQ_SET.size, P.VFIO_IRQ_SET_DATA_EVENTFD | P.VFIO_IRQ_SET_ACTION_TRIGGER,
+            P.VFIO_PCI_INTX_IRQ_INDEX, 0, 1), [fd], what="SET_IRQS INTx")
+        self.config.data[PC.PCI_INTERRUPT_PIN] = pin
+        self.events.add(fd, self._on_intx)
+
+    def _on_intx(self, _fd: int = -1, _ev: int = 0) -> None:
+        with self.lock:
+            fd = self._intx_fd
+            if fd is None:
+                return
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            self.intx_forwards += 1
+            self.intx.pulse()
 
     # --- the connection ------------------------------------------------------------------
     def _on_socket(self, fd: int, ev: int) -> None:
@@ -639,6 +710,12 @@ class VfioUserDevice(PCIDevice):
                     self.events.remove(fd)
                 os.close(fd)
                 self._forward_fds[n] = None
+        own = [*self._msi_fds, *([self._intx_fd] if self._intx_fd is not None else [])]
+        self._msi_fds, self._intx_fd = [], None
+        for fd in own:
+            with contextlib.suppress(Exception):
+                self.events.remove(fd)
+            os.close(fd)
 
     def _unmap_area(self, a: Area) -> None:
         if a.handle is not None and self.mapper is not None:
@@ -703,6 +780,8 @@ class VfioUserDevice(PCIDevice):
         own = list(OWN_RANGES)
         if self.msix is not None:
             own.append((self.msix.off, self.msix.off + MSIX_CAP_SIZE))
+        if self.msi is not None:
+            own.append((self.msi.off, self.msi.off + MSI_CAP_SIZE))
         return own
 
     def config_read(self, offset: int, size: int) -> int:
@@ -729,50 +808,127 @@ class VfioUserDevice(PCIDevice):
             if self.failed is not None:
                 return []
             was = self.msix.enabled if self.msix is not None else False
+            was_msi = self.msi.enabled if self.msi is not None else False
             changes = super().config_write(offset, size, value)  # BARs, command, MSI-X
             own = self._own()
             if size in (1, 2, 4) and not all(_overlaps(offset + i, 1, own)
                                              for i in range(size)):
                 self.config_messages += 1
                 self._access(P.VFIO_PCI_CONFIG_REGION_INDEX, offset, size, value)
-            if self.msix is not None and self.msix.enabled != was and self.failed is None:
-                self._set_msix(self.msix.enabled)
+            if self.msix is not None and self.failed is None:
+                if self.msix.enabled != was:
+                    self._set_msix(self.msix.enabled)
+                elif _overlaps(offset, size, [(self.msix.off, self.msix.off + 4)]):
+                    self._sync_masks()  # the function mask may have changed
+            if self.msi is not None and self.failed is None and self.msi.enabled != was_msi:
+                self._set_msi(self.msi.enabled)
             return changes
 
     # --- interrupts ----------------------------------------------------------------------
+    def _forward_fd(self, n: int) -> int:
+        fd = self._forward_fds[n]
+        if fd is None:
+            fd = self._forward_fds[n] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.events.add(fd, functools.partial(self._on_vector, n))
+        return fd
+
+    def _want(self, n: int) -> tuple[str, int]:
+        """What vector ``n``'s server side should signal now: its irqfd while unmasked
+        (KVM injects, no VMM thread), our own eventfd while masked or where the chip
+        has no irqfds (the VMM then sets the PBA bit, or raises the vector itself)."""
+        msix = self.msix
+        assert msix is not None
+        if not msix.masked(n):
+            fd = msix.irqfd(n)
+            if fd is not None:
+                return "irqfd", fd
+        return "forward", self._forward_fd(n)
+
     def _set_msix(self, on: bool) -> None:
-        """DEVICE_SET_IRQS for MSI-X: the vectors' irqfds (or our own eventfds) when the
-        guest enables it, none when it disables it."""
+        """DEVICE_SET_IRQS for MSI-X: one eventfd per vector (``_want``) when the guest
+        enables it, none when it disables it."""
         msix = self.msix
         assert msix is not None
         trigger = P.VFIO_IRQ_SET_ACTION_TRIGGER
+        self._handed = [None] * msix.vectors
         if not on:
             self._call(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
                 P.IRQ_SET.size, P.VFIO_IRQ_SET_DATA_NONE | trigger,
                 P.VFIO_PCI_MSIX_IRQ_INDEX, 0, 0))
+            self.fast_vectors = 0
             return
-        fds: list[int] = []
-        self.fast_vectors = 0
-        for n in range(msix.vectors):
-            fd = msix.irqfd(n)
-            if fd is not None:
-                self.fast_vectors += 1
-            else:
-                fd = self._forward_fds[n]
-                if fd is None:
-                    fd = self._forward_fds[n] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                    self.events.add(fd, functools.partial(self._on_vector, n))
-            fds.append(fd)
-        for start in range(0, len(fds), self.max_fds):
-            part = fds[start:start + self.max_fds]
+        wants = [self._want(n) for n in range(msix.vectors)]
+        for start in range(0, len(wants), self.max_fds):
+            part = wants[start:start + self.max_fds]
             if self._call(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
                     P.IRQ_SET.size, P.VFIO_IRQ_SET_DATA_EVENTFD | trigger,
-                    P.VFIO_PCI_MSIX_IRQ_INDEX, start, len(part)), part) is None:
+                    P.VFIO_PCI_MSIX_IRQ_INDEX, start, len(part)), [fd for _, fd in part]
+                          ) is None:
+                return
+            for i, (kind, _) in enumerate(part):
+                self._handed[start + i] = kind
+        self.fast_vectors = self._handed.count("irqfd")
+
+    def _sync_masks(self) -> None:
+        """The guest masked or unmasked vectors (entry or function mask): a vector whose
+        server side should change gets its new eventfd (one SET_IRQS each). Masking
+        hands the server our eventfd, so what it signals meanwhile becomes a PBA bit;
+        unmasking hands the irqfd back and delivers what is pending — including a
+        signal that reached our eventfd before the swap (as QEMU's masked notifier)."""
+        msix = self.msix
+        if msix is None or not msix.enabled or self.failed is not None:
+            return
+        for n in range(msix.vectors):
+            kind, fd = self._want(n)
+            if self._handed[n] == kind:
+                continue
+            if self._call(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
+                    P.IRQ_SET.size, P.VFIO_IRQ_SET_DATA_EVENTFD | P.VFIO_IRQ_SET_ACTION_TRIGGER,
+                    P.VFIO_PCI_MSIX_IRQ_INDEX, n, 1), [fd]) is None:
+                return
+            self._handed[n] = kind
+            if kind == "irqfd":
+                self._on_vector(n)  # a signal that came before the swap
+        self.fast_vectors = self._handed.count("irqfd")
+
+    def _set_msi(self, on: bool) -> None:
+        """MSI enabled: the server gets one of our eventfds per vector, and the VMM
+        raises the vector through its emulation (masking and pending bits honoured;
+        MSI has no irqfd route that follows the capability here). Disabled: none."""
+        msi = self.msi
+        assert msi is not None
+        trigger = P.VFIO_IRQ_SET_ACTION_TRIGGER
+        if not on:
+            self._call(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
+                P.IRQ_SET.size, P.VFIO_IRQ_SET_DATA_NONE | trigger,
+                P.VFIO_PCI_MSI_IRQ_INDEX, 0, 0))
+            return
+        while len(self._msi_fds) < msi.vectors:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._msi_fds.append(fd)
+            self.events.add(fd, functools.partial(self._on_msi, len(self._msi_fds) - 1))
+        for start in range(0, msi.vectors, self.max_fds):
+            part = self._msi_fds[start:start + self.max_fds]
+            if self._call(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
+                    P.IRQ_SET.size, P.VFIO_IRQ_SET_DATA_EVENTFD | trigger,
+                    P.VFIO_PCI_MSI_IRQ_INDEX, start, len(part)), part) is None:
                 return
 
+    def _on_msi(self, n: int, _fd: int = -1, _ev: int = 0) -> None:
+        with self.lock:
+            if n >= len(self._msi_fds) or self.msi is None:
+                return
+            try:
+                os.eventfd_read(self._msi_fds[n])
+            except BlockingIOError:
+                return
+            self.interrupt_forwards += 1
+            self.msi.trigger(n)
+
     def _on_vector(self, n: int, _fd: int = -1, _ev: int = 0) -> None:
-        """The fallback: the server signalled our eventfd; raise the vector (masking
-        and enable honoured by the MSI-X emulation)."""
+        """Our eventfd of vector ``n`` was signalled (the vector is masked, or the chip
+        has no irqfds): raise it through the MSI-X emulation, which sets the PBA bit
+        while it is masked and delivers it on unmask."""
         with self.lock:
             fd = self._forward_fds[n] if n < len(self._forward_fds) else None
             if fd is None or self.msix is None:
@@ -801,6 +957,9 @@ class VfioUserDevice(PCIDevice):
             msix = self.msix
             if msix is not None and index == msix.bar and msix.contains(offset):
                 msix.write(offset, size, value)
+                if (offset - msix.table_offset) % PC.PCI_MSIX_ENTRY_SIZE + size > (
+                        PC.PCI_MSIX_ENTRY_VECTOR_CTRL):
+                    self._sync_masks()  # the write reached a vector control word
                 return
             if self.failed is not None or index not in self.regions:
                 return
@@ -863,6 +1022,7 @@ class VfioUserDevice(PCIDevice):
                 "mapped_areas": len(self.mapped_areas()), "map_failures": self.map_failures,
                 "fast_vectors": self.fast_vectors,
                 "interrupt_forwards": self.interrupt_forwards,
+                "intx_forwards": self.intx_forwards,
                 "dma_maps": self.dma_maps, "refusals": self.refusals,
                 "failed": int(self.failed is not None)}
 
