@@ -13,9 +13,10 @@ wherever it can: direct assignment, with a socket where the IOMMU group would be
 - **Config space** is the server's, forwarded with REGION_READ/WRITE on region 7,
   except what the VMM must own: the BAR registers (sizes from the region info, the
   addresses the VMM assigns from its PCI windows like any other function's, moves
-  applied by the PCI root), the ROM BAR (none), interrupt line/pin (no INTx) and
-  the MSI-X capability, which is emulated here (``MsixCapability`` at the server's
-  offset, table and PBA in the BAR the server names).
+  applied by the PCI root), the ROM BAR (none), the interrupt line, and
+  the MSI-X and MSI capabilities, which are emulated here (``MsixCapability``,
+  ``MsiCapability`` at the server's offsets; the table and PBA in the BAR the server
+  names).
 - **BARs:** the mmap'able areas of a region (the whole region, or the sparse-mmap
   areas) are mapped from the server's fd and become **KVM memslots** at the BAR's
   address (``ctx.bar_mapper()``), following BAR moves: the guest's accesses there
@@ -28,10 +29,13 @@ wherever it can: direct assignment, with a socket where the IOMMU group would be
   is mapped (a guest access through a mapping would bypass the stream and overtake
   them).
 - **Interrupts:** when the guest enables MSI-X, DEVICE_SET_IRQS hands the server one
-  eventfd per vector: the vector's **KVM irqfd** (its route follows the guest's table
-  writes), so an interrupt goes device → KVM → guest with no VMM thread. Without
-  irqfds (``--msi signal``) the VMM watches its own eventfds and raises the vector,
-  honouring the mask (counted: ``interrupt_forwards``). MSI and INTx are not offered.
+  eventfd per vector: for an unmasked vector its **KVM irqfd** (the route follows the
+  guest's table writes), so an interrupt goes device → KVM → guest with no VMM
+  thread; for a masked one the VMM's own eventfd, whose signals become PBA bits, and
+  unmasking swaps the irqfd back and delivers what is pending. Without irqfds
+  (``--msi signal``) every vector uses the VMM's eventfd (``interrupt_forwards``).
+  MSI (same capability layout as the VMM's emulation) and INTx get the VMM's
+  eventfds: the VMM raises the vector, or pulses the function's GSI.
 
 Every reply is untrusted: message id, command, reply type and length are checked
 before the payload is used, fds are counted and the unexpected closed, and every
