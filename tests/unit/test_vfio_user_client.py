@@ -586,9 +586,20 @@ def test_hangup_seen_by_the_event_loop_fails_the_device(rig_factory: Callable[..
 
 
 def test_unasked_message_fails_the_device(rig_factory: Callable[..., Rig]) -> None:
+    """Seen by the next request: its reply is not the one it waits for."""
     rig = rig_factory()
     dev = rig.make()
     rig.fake.sock.sendall(P.encode(1, C.DMA_READ))
+    assert dev.read_bar(0, 0, 4) == 0xFFFFFFFF
+    assert dev.failed is not None and "with command 11" in dev.failed
+
+
+def test_unasked_message_then_hangup_is_seen_on_the_event_loop(
+        rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    dev = rig.make()
+    rig.fake.sock.sendall(P.encode(1, C.DMA_READ))
+    rig.fake.sock.shutdown(socket.SHUT_WR)
     for _ in range(20):
         rig.events.run_once(0.1)
         if dev.failed:

@@ -40,7 +40,7 @@ wherever it can: direct assignment, with a socket where the IOMMU group would be
 Every reply is untrusted: message id, command, reply type and length are checked
 before the payload is used, fds are counted and the unexpected closed, and every
 wait is bounded (``timeout``). At run time a violation, a timeout, or the socket's
-EOF/HUP (watched on the event loop) fails the device once, in one log line: its
+hang-up (watched on the event loop) fails the device once, in one log line: its
 memslots are removed, trapped reads return all-ones, writes are dropped, and the VM
 goes on. A refused access (an error reply) is logged once and reads as all-ones.
 """
@@ -364,7 +364,10 @@ class VfioUserDevice(PCIDevice):
         except BaseException:
             self._release()
             raise
-        events.add(client.fileno(), self._on_socket, select.EPOLLIN | select.EPOLLRDHUP)
+        # Hang-ups only (EPOLLHUP/ERR come anyway): with EPOLLIN every reply a vCPU
+        # request reads would wake the event loop too. Data sent unasked is seen by the
+        # next request (another message id) or with the server's hang-up.
+        events.add(client.fileno(), self._on_socket, select.EPOLLRDHUP)
 
     # --- creation ------------------------------------------------------------------------
     def _handshake(self, c: Client, mem: GuestMemory, msi: MsiSink) -> None:
@@ -672,8 +675,8 @@ class VfioUserDevice(PCIDevice):
 
     # --- the connection ------------------------------------------------------------------
     def _on_socket(self, fd: int, ev: int) -> None:
-        """The socket is readable outside a request: the server closed it (or sent what
-        no one asked for, which is as bad)."""
+        """The server hung up (or the socket failed); data it left unread-by-us is a
+        message no one asked for, which is as bad."""
         with self.lock:
             c = self._client
             if c is None or fd != c.fileno():
