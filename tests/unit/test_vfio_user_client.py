@@ -82,9 +82,16 @@ class FakeServer:
     for a command: a function returning (raw bytes, fds) to send (None: say nothing)."""
 
     def __init__(self, sock: socket.socket, script: dict[int, Script] | None = None,
-                 sizes: dict[int, int] | None = None) -> None:
+                 sizes: dict[int, int] | None = None, irqs: dict[int, int] | None = None,
+                 msi: bool = False) -> None:
         self.sock, self.script = sock, dict(script or {})
         self.config = base_config()
+        self.irqs = irqs or {2: 2}  # IRQ index -> count
+        if msi:  # a 64-bit maskable MSI capability after the vendor one
+            self.config[0x51] = 0x60
+            self.config[0x60], self.config[0x61] = PC.PCI_CAP_ID_MSI, 0
+            struct.pack_into("<H", self.config, 0x62,
+                             PC.PCI_MSI_FLAGS_64BIT | PC.PCI_MSI_FLAGS_MASKBIT)
         self.sizes = {0: 0x1000, 1: 0x1000, 2: 0x4000, 7: 256, **(sizes or {})}
         self.shm = sealed_memfd("fake-bar2", self.sizes[2] or 4096)
         self.log: list[tuple[int, bytes, int]] = []  # command, payload, fds
@@ -130,7 +137,7 @@ class FakeServer:
         if cmd == C.DEVICE_GET_IRQ_INFO:
             index = P.IRQ_INFO.unpack_from(p)[2]
             return ok(msg_id, cmd, P.IRQ_INFO.pack(16, P.VFIO_IRQ_INFO_EVENTFD, index,
-                                                   2 if index == 2 else 0)), []
+                                                   self.irqs.get(index, 0))), []
         if cmd == C.REGION_READ:
             off, region, count = P.REGION_ACCESS.unpack_from(p)
             if region == 7:
@@ -367,6 +374,7 @@ class _Good(FakeServer):
     def __init__(self) -> None:  # only _answer is used, no thread, no socket
         self.config = base_config()
         self.sizes = {0: 0x1000, 1: 0x1000, 2: 0, 7: 256}
+        self.irqs = {2: 2}
 
 
 GOOD = _Good()
@@ -706,3 +714,56 @@ def test_masking_swaps_the_irqfd_for_a_pba_eventfd(rig_factory: Callable[..., Ri
             rig.dev = None
         for v in chip.vectors:
             os.close(v.fd)
+
+
+# --- MSI and INTx ----------------------------------------------------------------------------
+def test_msi_is_emulated_at_the_servers_offset_and_forwarded(rig_factory: Callable[..., Rig]
+                                                             ) -> None:
+    rig = rig_factory(msi=True, irqs={1: 1, 2: 2})
+    dev = rig.make()
+    assert dev.msi is not None and dev.msi.off == 0x60
+    assert dev.config_read(0x51, 1) == 0x60  # the server's list, our capability in it
+    dev.config_write(0x64, 4, 0xFEE00000)  # address, data, then enable
+    dev.config_write(0x6C, 2, 0x45)
+    assert not any(r == 7 and 0x60 <= o < 0x78 for r, o, _ in rig.fake.writes)  # ours
+    dev.config_write(0x62, 2, PC.PCI_MSI_FLAGS_ENABLE)
+    sets = [P.IRQ_SET.unpack(p) for c, p, _ in rig.fake.log if c == C.DEVICE_SET_IRQS]
+    assert sets and sets[-1][2:] == (P.VFIO_PCI_MSI_IRQ_INDEX, 0, 1)
+    os.eventfd_write(rig.fake.irq_fds[-1], 1)
+    rig.events.run_once(1)
+    assert [m.data for m in rig.msi.sent] == [0x45]
+    dev.config_write(0x70, 4, 1)  # mask vector 0: the next one is pending, not sent
+    os.eventfd_write(rig.fake.irq_fds[-1], 1)
+    rig.events.run_once(1)
+    assert len(rig.msi.sent) == 1 and dev.config_read(0x74, 4) & 1
+    dev.config_write(0x70, 4, 0)
+    assert len(rig.msi.sent) == 2
+
+
+def test_intx_is_the_servers_eventfd_pulsing_the_line(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(irqs={0: 1, 2: 2})
+    dev = rig.make()
+    assert dev.config_read(PC.PCI_INTERRUPT_PIN, 1) == 1
+    sets = [P.IRQ_SET.unpack(p) for c, p, n in rig.fake.log if c == C.DEVICE_SET_IRQS]
+    assert sets == [(P.IRQ_SET.size, P.VFIO_IRQ_SET_DATA_EVENTFD | P.VFIO_IRQ_SET_ACTION_TRIGGER,
+                     P.VFIO_PCI_INTX_IRQ_INDEX, 0, 1)]
+
+    class Line:
+        pulses = 0
+
+        def set_level(self, level: bool) -> None:
+            raise AssertionError("INTx is pulsed")
+
+        def pulse(self) -> None:
+            Line.pulses += 1
+
+    dev.intx = Line()
+    os.eventfd_write(rig.fake.irq_fds[0], 1)
+    rig.events.run_once(1)
+    assert Line.pulses == 1 and dev.metrics()["intx_forwards"] == 1
+
+
+def test_msi_vector_count_must_agree(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory(msi=True, irqs={1: 4, 2: 2})
+    with pytest.raises(BackendError, match="MSI capability has 1 vectors, IRQ_INFO 4"):
+        rig.make()
