@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -195,12 +196,39 @@ def test_shared_bar_without_mmap_traps(guests: Path, server: Any, tmp_path: Path
     assert client(rep)["mapped_areas"] == 0
 
 
-def test_missing_socket_is_one_line(guests: Path, sockdir: Path) -> None:
-    p = subprocess.run(pyvmm_cmd("run", "--kernel", str(guests / "nvme.elf"), "--device",
-                                 f"vfio-user,socket={sockdir / 'nothing'}"),
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr
+def test_missing_or_stale_socket_is_one_line(guests: Path, sockdir: Path) -> None:
+    stale = sockdir / "stale"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(stale))
+    srv.close()  # the file stays, nobody listens
+    for sock, says in ((sockdir / "nothing", "does not exist"), (stale, "refuses")):
+        p = subprocess.run(pyvmm_cmd("run", "-q", "--kernel", str(guests / "nvme.elf"),
+                                     "--device", f"vfio-user,socket={sock}"),
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and says in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_server_of_another_protocol_is_one_line(guests: Path, image: tuple[Path, bytes],
+                                                  sockdir: Path) -> None:
+    """A vhost-user backend on the socket: it does not speak vfio-user, the VMM says so
+    in one line and the image is untouched."""
+    img, before = image
+    sock = sockdir / "vu"
+    be = subprocess.Popen(pyvmm_cmd("backend", "vhost-user-blk", "--socket", str(sock),
+                                    "--disk", str(img)),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_path(sock)
+        p = subprocess.run(pyvmm_cmd("run", "-q", "--kernel", str(guests / "nvme.elf"),
+                                     "--device", f"vfio-user,socket={sock},timeout=5"),
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        be.terminate()
+        be.wait(timeout=20)
+    assert p.returncode == 2 and "vfio-user0: vfio-user server" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+    assert img.read_bytes() == before
 
 
 def test_server_killed_mid_run_vm_goes_on(guests: Path, image: tuple[Path, bytes],
