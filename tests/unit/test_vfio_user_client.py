@@ -767,3 +767,20 @@ def test_msi_vector_count_must_agree(rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory(msi=True, irqs={1: 4, 2: 2})
     with pytest.raises(BackendError, match="MSI capability has 1 vectors, IRQ_INFO 4"):
         rig.make()
+
+
+def test_running_out_of_fds_fails_the_device_cleanly(rig_factory: Callable[..., Rig],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server offering many vectors the guest leaves masked costs one eventfd each;
+    when the VMM may open no more, the function fails — nothing raises into the vCPU."""
+    rig = rig_factory()
+    dev = rig.make()
+
+    def emfile(*a: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "eventfd", emfile)
+    assert dev.config_write(0x42, 2, PC.PCI_MSIX_FLAGS_ENABLE) == []
+    monkeypatch.undo()
+    assert dev.failed is not None and "more eventfds" in dev.failed
+    assert dev.read_bar(0, 0, 4) == 0xFFFFFFFF

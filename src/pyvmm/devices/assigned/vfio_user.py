@@ -90,7 +90,6 @@ MAX_CAPS_JSON = 4096
 MAX_SPARSE_AREAS = 64
 MAX_BAR_32 = 1 << 31  # a 32-bit BAR larger than this cannot be placed anyway
 MAX_BAR_64 = 1 << 40
-MAX_MSIX_VECTORS = 2048
 PAGE = mmap.PAGESIZE
 
 VFIO_REGION_INFO_FLAG_CAPS = 1 << 3
@@ -864,7 +863,11 @@ class VfioUserDevice(PCIDevice):
                 P.VFIO_PCI_MSIX_IRQ_INDEX, 0, 0))
             self.fast_vectors = 0
             return
-        wants = [self._want(n) for n in range(msix.vectors)]
+        try:
+            wants = [self._want(n) for n in range(msix.vectors)]
+        except OSError as e:  # EMFILE: a server offering 2048 vectors, all masked
+            self._fail(f"needs more eventfds than this VMM may open ({e.strerror or e})")
+            return
         for start in range(0, len(wants), self.max_fds):
             part = wants[start:start + self.max_fds]
             if self._call(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
@@ -886,7 +889,11 @@ class VfioUserDevice(PCIDevice):
         if msix is None or not msix.enabled or self.failed is not None:
             return
         for n in range(msix.vectors):
-            kind, fd = self._want(n)
+            try:
+                kind, fd = self._want(n)
+            except OSError as e:
+                self._fail(f"needs more eventfds than this VMM may open ({e.strerror or e})")
+                return
             if self._handed[n] == kind:
                 continue
             if self._call(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
@@ -911,7 +918,11 @@ class VfioUserDevice(PCIDevice):
                 P.VFIO_PCI_MSI_IRQ_INDEX, 0, 0))
             return
         while len(self._msi_fds) < msi.vectors:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            try:
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            except OSError as e:
+                self._fail(f"needs more eventfds than this VMM may open ({e.strerror or e})")
+                return
             self._msi_fds.append(fd)
             self.events.add(fd, functools.partial(self._on_msi, len(self._msi_fds) - 1))
         for start in range(0, msi.vectors, self.max_fds):
@@ -1052,6 +1063,10 @@ def create(cfg: VfioUserConfig, ctx: HostContext) -> VfioUserDevice:
     except BackendError as e:
         sock.close()
         raise ConfigError(f"{ctx.name}: vfio-user server {cfg.socket!r}: {e}") from None
+    except OSError as e:  # our own side: eventfds, mappings (EMFILE, ENOMEM)
+        sock.close()
+        raise ConfigError(f"{ctx.name}: vfio-user server {cfg.socket!r}: cannot set up "
+                          f"the device here ({e.strerror or e})") from None
     except BaseException:
         sock.close()
         raise
