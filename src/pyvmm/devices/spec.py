@@ -41,6 +41,7 @@ from pyvmm.sharing.ratelimit import Limits
 
 if TYPE_CHECKING:
     from pyvmm.backends.io_pool import IoPool
+    from pyvmm.devices.assigned.shmem import BarMapper
     from pyvmm.event import EventManager
     from pyvmm.irq.line import InterruptLine
     from pyvmm.irq.msi import MsiSink
@@ -181,6 +182,12 @@ class HostContext(Protocol):
 
     def cpus(self) -> int:
         """How many vCPUs the guest has."""
+        ...
+
+    def bar_mapper(self) -> BarMapper | None:
+        """Maps host memory into the guest at a BAR's address (KVM memslots in a VM),
+        so the guest's accesses there never exit; None where the host cannot (the
+        vfio-user export, tests): such BARs are trapped."""
         ...
 
 
