@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -146,7 +147,9 @@ def test_garbage_on_the_socket_is_answered_and_the_server_goes_on(
         while chunk := s.recv(4096):
             reply += chunk
         s.close()
-        assert reply == b"" or reply.startswith(b"HTTP/1.1 4"), reply[:80]
+        # A 4xx (aiohttp answers an unparsable request line as HTTP/1.0 or 1.1,
+        # depending on how far it read before the peer's shutdown) or just a close.
+        assert reply == b"" or re.match(rb"HTTP/1\.[01] 4\d\d ", reply), reply[:80]
     assert call(server[1], "GET", "/api/v1/openapi.json")[0] == 200
     # Nothing reached the "internal error" path; aiohttp's complaints are counted.
     assert not [k for k in server[0].errors.counts if k.startswith("api:")]

@@ -68,7 +68,7 @@ from pyvmm.devices.pci.config_space import BarChange, PCIConfigSpace, WriteHook
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.pci.msi import MsiCapability
 from pyvmm.devices.pci.msix import MsixCapability
-from pyvmm.devices.spec import DeviceConfig, DeviceSpec, HostContext, Kind
+from pyvmm.devices.spec import DeviceConfig, DeviceSpec, HostContext, Kind, Mode
 from pyvmm.errors import BackendError, ConfigError, GuestMemoryError
 from pyvmm.memory import check_mappable
 from pyvmm.ratelimit_log import OnceLog
@@ -1077,4 +1077,4 @@ def create(cfg: VfioUserConfig, ctx: HostContext) -> VfioUserDevice:
 SPEC = DeviceSpec("vfio-user", VfioUserConfig, Kind.PCI, create,
                   "a PCI function served by a vfio-user server in another process "
                   "(direct assignment)", positional="socket", exportable=False,
-                  doc="vfio-user-client")
+                  doc="vfio-user-client", mode=Mode.ASSIGNED)
