@@ -98,7 +98,7 @@ class Rig:
             self.events.cbs[self.port.fd](self.port.fd, 1)
 
     def sent(self) -> list[bytes]:
-        out = []
+        out: list[bytes] = []
         while True:
             try:
                 f = self.peer.recv(65536)
@@ -144,13 +144,13 @@ def test_pci_function_as_enumerated() -> None:
         assert (~(sized & ~(3 if io else 0xF)) + 1) & 0xFFFFFFFF == size
     # the same registers through the I/O window and through BAR0
     root.config_write(0, 2, 0, P.PCI_COMMAND, 2, P.PCI_COMMAND_IO | P.PCI_COMMAND_MEMORY)
-    io = cfg.bar_address(1)
+    port = cfg.bar_address(1)
     bar0 = cfg.bar_address(0)
-    pio.write(io + E.E1000_IOADDR, 4, E.E1000_IMS)
-    pio.write(io + E.E1000_IODATA, 4, E.E1000_ICR_RXT0)
+    pio.write(port + E.E1000_IOADDR, 4, E.E1000_IMS)
+    pio.write(port + E.E1000_IODATA, 4, E.E1000_ICR_RXT0)
     assert mmio.read(bar0 + E.E1000_IMS, 4) == E.E1000_ICR_RXT0
-    pio.write(io + E.E1000_IOADDR, 4, E.E1000_STATUS)
-    assert pio.read(io + E.E1000_IODATA, 4) & E.E1000_STATUS_LU
+    pio.write(port + E.E1000_IOADDR, 4, E.E1000_STATUS)
+    assert pio.read(port + E.E1000_IODATA, 4) & E.E1000_STATUS_LU
     nic.close()
     a.close()
     b.close()
