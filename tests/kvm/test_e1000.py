@@ -10,15 +10,19 @@ Frames use a local experimental ethertype (0x88b5), nothing leaves this machine.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import struct
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import pyvmm_cmd
+from tests.conftest import pyvmm_cmd, wait_for_path
 
 ETH_P_ALL = 0x0003
 MAC = bytes.fromhex("525400aabb01")
@@ -153,3 +157,86 @@ def test_e1000_bad_mac_is_one_line(guests: Path) -> None:
                        capture_output=True, text=True)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "multicast" in p.stderr
+
+
+@pytest.fixture
+def bridged(tap: str) -> Iterator[tuple[str, str]]:
+    """A second TAP joined to ``tap`` by a Linux bridge (no addresses, IPv6 off):
+    (the TAP for pyvmm's switch uplink, the TAP for the e1000)."""
+    n = os.getpid() % 100000
+    tap2, br = f"pvu{n}", f"pvb{n}"
+    made: list[str] = []
+    try:
+        for cmd in (["ip", "tuntap", "add", "dev", tap2, "mode", "tap"],
+                    ["ip", "link", "add", "name", br, "type", "bridge"]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot {' '.join(cmd[:4])} here: {r.stderr.strip()}")
+            made.append(cmd[4] if cmd[1] == "tuntap" else br)
+        for dev in (br, tap2):
+            subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1"],
+                           check=False, capture_output=True)
+        for dev in (tap, tap2):
+            subprocess.run(["ip", "link", "set", dev, "master", br, "up"], check=True)
+        subprocess.run(["ip", "link", "set", br, "up"], check=True)
+        yield tap, tap2
+    finally:
+        for dev in reversed(made):
+            subprocess.run(["ip", "link", "del", dev], check=False, capture_output=True)
+
+
+def test_e1000_and_virtio_net_guests_through_the_switch(guests: Path,
+                                                        bridged: tuple[str, str]) -> None:
+    """A virtio-net guest on a port of pyvmm's learning switch (the vhost-user-net
+    backend) and an e1000 guest on the switch's TAP uplink (a Linux bridge joins the
+    uplink's TAP and the e1000's, because one TAP takes one reader): the virtio-net
+    guest's broadcast reaches the e1000 guest, whose unicast answer reaches it back
+    through the switch, which learned its MAC."""
+    uplink, tap2 = bridged
+    sockdir = Path(tempfile.mkdtemp(prefix="pyvmm-e1k-"))
+    path = sockdir / "net.sock"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        be = subprocess.Popen(pyvmm_cmd("backend", "vhost-user-net", "--socket", str(path),
+                                        "--tap", uplink), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        procs.append(be)
+        assert wait_for_path(path)
+        e1k = subprocess.Popen(pyvmm_cmd("run", "-q", "--timeout", "90", "--kernel",
+                                         str(guests / "e1000.elf"), "--net",
+                                         f"tap={tap2},model=e1000,mac=52:54:00:aa:bb:01",
+                                         "--cmdline", "peer=1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(e1k)
+        assert e1k.stdout is not None
+        before = []
+        for line in e1k.stdout:  # the e1000 guest's receive ring is ready
+            before.append(line)
+            if "e1000: rx ready" in line:
+                break
+        else:
+            pytest.fail("e1000 guest never got ready: " + "".join(before[-20:]))
+        vnet = subprocess.Popen(pyvmm_cmd("run", "-q", "--timeout", "60", "--kernel",
+                                          str(guests / "virtio_net.elf"), "--net",
+                                          f"model=vhost-user,socket={path},"
+                                          "mac=52:54:00:aa:bb:cd", "--cmdline", "seed=33"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(vnet)
+        vout, verr = vnet.communicate(timeout=90)
+        eout, eerr = e1k.communicate(timeout=90)
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    assert e1k.returncode == 0, eout + eerr
+    assert "rx from peer 52:54:00:aa:bb:cd payload=pyvmm-tx 33" in eout
+    assert "e1000: answered the peer" in eout
+    assert vnet.returncode == 0, vout + verr
+    rx = [ln for ln in vout.splitlines() if ln.startswith("rx ")]
+    assert len(rx) == 1 and "payload=pyvmm-end from e1" in rx[0], vout
