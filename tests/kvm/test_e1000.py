@@ -39,7 +39,7 @@ def csum(payload: bytes) -> int:
 def inet_sum(data: bytes) -> int:
     if len(data) & 1:
         data += b"\0"
-    s = sum(struct.unpack(f">{len(data) // 2}H", data))
+    s: int = sum(struct.unpack(f">{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return s
