@@ -13,6 +13,7 @@
  * check (QEMU's BAR1 reads 0).
  * peer=1: instead, wait for a frame whose payload starts with "pyvmm-tx" (a virtio-net
  * guest's on the same switch) and answer its sender with "pyvmm-end from e1000".
+ * bench=N: N ping-pongs with a host echo instead (bench/nic.py).
  * One line per check ("ok ..."), frames as "rx ..." lines; FAIL exits with its code. */
 #include "pci.h"
 
@@ -296,6 +297,40 @@ static void rx_setup(void)
     wr(RCTL, RCTL_EN | RCTL_BAM);   /* 2048-byte buffers, FCS kept, no promiscuity */
 }
 
+static void sort(u64 *v, u32 n)   /* shell sort: the bench's percentiles */
+{
+    for (u32 gap = n / 2; gap; gap /= 2)
+        for (u32 i = gap; i < n; i++)
+            for (u32 j = i; j >= gap && v[j - gap] > v[j]; j -= gap) {
+                u64 t = v[j]; v[j] = v[j - gap]; v[j - gap] = t;
+            }
+}
+
+/* bench=N: N ping-pongs with a host echo (dst 02:00:00:00:00:01): a 64-byte frame out,
+ * the echo back, guest TSC per round trip. */
+static u64 rtt[4096];
+
+static void bench(u32 n)
+{
+    static const u8 echo[6] = { 0x02, 0, 0, 0, 0, 0x01 };
+    if (n > 4096) n = 4096;
+    u8 f[64];
+    for (u32 k = 0; k < n; k++) {
+        char text[32];
+        snprintf(text, sizeof text, "pyvmm-ping %u", k);
+        u32 len = build(f, echo, text);
+        u64 t0 = rdtsc();
+        send(f, len, 0, 0);
+        int i = next_frame(SPIN * 50);
+        if (i < 0) fail("no echo for ping %u", k);
+        rtt[k] = rdtsc() - t0;
+        give_back((u32)i);
+    }
+    sort(rtt, n);
+    printf("e1000-bench rtts=%u p50_cycles=%lu p99_cycles=%lu\n", n, rtt[n / 2],
+           rtt[n * 99 / 100]);
+}
+
 static void peer(void)
 {
     for (;;) {
@@ -404,6 +439,10 @@ int main(void)
     rx_setup();
     tx_setup();
     static const u8 bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+    if (arg_u64("bench", 0)) {
+        bench((u32)arg_u64("bench", 0));
+        return 0;
+    }
     if (arg_u64("peer", 0)) {
         printf("e1000: rx ready\n");
         peer();
