@@ -448,8 +448,8 @@ int main(void)
         peer();
         return 0;
     }
-    /* accept the multicast group 01:00:5e:00:00:fb: MO=0 hash = bits 47:36 */
-    static const u8 grp[6] = { 0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb };
+    /* accept the multicast group 01:00:5e:12:34:56: MO=0 hash = bits 47:36 */
+    static const u8 grp[6] = { 0x01, 0x00, 0x5e, 0x12, 0x34, 0x56 };
     u32 h = ((grp[4] >> 4) | (grp[5] << 4)) & 0xfff;
     wr(MTA + 4 * (h >> 5), 1u << (h & 31));
 

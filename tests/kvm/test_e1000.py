@@ -72,9 +72,9 @@ def host_side(sock: socket.socket) -> tuple[list[bytes], list[bytes], int]:
     good = [frame(MAC, b"pyvmm-uni %d" % i) for i in range(8)]
     good += [frame(b"\xff" * 6, b"pyvmm-bcast %d" % i + bytes(range(i * 50)))
              for i in range(6)]
-    good += [frame(bytes.fromhex("01005e0000fb"), b"pyvmm-mcast %d" % i) for i in range(6)]
+    good += [frame(bytes.fromhex("01005e123456"), b"pyvmm-mcast %d" % i) for i in range(6)]
     dropped = [frame(bytes.fromhex("525400aabb99"), b"pyvmm-other"),
-               frame(bytes.fromhex("01005e0000fc"), b"pyvmm-othergroup")]
+               frame(bytes.fromhex("01005e123457"), b"pyvmm-othergroup")]
     filtered = 0
     for k, f in enumerate(good):  # TAP -> guest, the filtered ones in between
         sock.send(f)
@@ -100,7 +100,8 @@ def check_frames(text: str, got: list[bytes], good: list[bytes]) -> None:
     assert inet_sum(pseudo + udp[34:34 + ulen]) == 0xFFFF  # UDP checksum inserted
     assert udp[42:42 + 10] == b"pyvmm-csum"
     # what the guest received: the accepted frames, in order, and none of the dropped
-    rx = [line for line in text.splitlines() if line.startswith("rx ")]
+    # (the host's stack could put a frame of its own on the TAP: only ours are counted)
+    rx = [line for line in text.splitlines() if line.startswith("rx ") and "payload=pyvmm" in line]
     assert len(rx) == len(good)
     for line, f in zip(rx, good, strict=True):
         padded = f + bytes(max(0, 60 - len(f)))
@@ -146,8 +147,8 @@ def test_e1000_frames_both_ways(guests: Path, tap: str, chip: str, tmp_path: Pat
     assert bar0[("w", 0x2818, 4)] >= len(good)  # RDT: one per descriptor given back
     assert bar0[("r", 0x14, 4)] >= 64  # EERD: one read per EEPROM word at least
     dev = next(d for d in rep["devices"] if d["type"] == "e1000")
-    assert dev["rx_frames"] == len(good) and dev["tx_frames"] == 13
-    assert dev["rx_filtered"] == filtered
+    assert dev["rx_frames"] >= len(good) and dev["tx_frames"] == 13
+    assert dev["rx_filtered"] >= filtered
     assert dev["errors"]["tx:buf"] == 1 and dev["errors"]["tx:bounds"] >= 1
 
 
@@ -238,5 +239,7 @@ def test_e1000_and_virtio_net_guests_through_the_switch(guests: Path,
     assert "rx from peer 52:54:00:aa:bb:cd payload=pyvmm-tx 33" in eout
     assert "e1000: answered the peer" in eout
     assert vnet.returncode == 0, vout + verr
-    rx = [ln for ln in vout.splitlines() if ln.startswith("rx ")]
+    # The host's stack may put its own frames on the bridge (an IGMP report when it comes
+    # up); the guest prints whatever reaches it, the test looks at the experimental ones.
+    rx = [ln for ln in vout.splitlines() if ln.startswith("rx ") and "payload=pyvmm" in ln]
     assert len(rx) == 1 and "payload=pyvmm-end from e1" in rx[0], vout
