@@ -4,7 +4,7 @@ with the 12-byte vnet header in front).
 
 Registers (CTRL/STATUS, EEPROM by EERD and by microwire, MDIC and the PHY, ICR
 read-to-clear, ICS/IMS/IMC and INTx), both rings with wrap-around, the receive filter,
-checksum offload, and what a broken or hostile driver can do: zero-length rings,
+checksum offload, TCP segmentation, and what a broken or hostile driver can do: zero-length rings,
 heads/tails past the ring, descriptors and buffers outside RAM, random register
 sequences — logged, counted, never raised."""
 
@@ -554,6 +554,51 @@ def test_descriptors_and_buffers_outside_ram(rig: Rig) -> None:
     assert rig.nic.errors.counts["rx:desc"] == 1
 
 
+def tcp_frame(payload: bytes, flags: int = 0x19) -> bytearray:
+    """IPv4/TCP as Linux's e1000 hands it to TSO: total length and IP checksum 0, the
+    TCP checksum field holding the pseudo-header sum without a length."""
+    tcp = struct.pack(">HHIIBBHHH", 1234, 80, 1000, 0, 5 << 4, flags, 512, 0, 0)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 0, 0x100, 0x4000, 64, 6, 0,
+                     bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2)))
+    pkt = bytearray(MAC + bytes.fromhex("020000000001") + b"\x08\x00" + ip + tcp + payload)
+    pseudo = ip[12:20] + struct.pack(">BBH", 0, 6, 0)
+    pkt[34 + 16:34 + 18] = (~csum16(pseudo, 0, 12) & 0xFFFF).to_bytes(2, "big")
+    return pkt
+
+
+def test_tcp_segmentation(rig: Rig) -> None:
+    rig.tx_setup(8)
+    payload = bytes((i * 13) & 0xFF for i in range(2500))
+    pkt = tcp_frame(payload)
+    hdr_len, mss = 54, 1000
+    ctx = struct.pack("<BBHBBHIBBH", 14, 24, 33, 34, 50, 0,
+                      E.E1000_TXD_CMD_DEXT | E.E1000_TXD_DTYP_C | E.E1000_TXD_CMD_TSE
+                      | E.E1000_TXD_CMD_IP | E.E1000_TXD_CMD_TCP | len(payload), 0, hdr_len, mss)
+    rig.mem.write(TX_RING, ctx)
+    rig.mem.write(TX_BUF, bytes(pkt[:hdr_len]))
+    rig.mem.write(TX_BUF + 0x1000, bytes(pkt[hdr_len:]))
+    data = E.E1000_TXD_CMD_DEXT | E.E1000_TXD_DTYP_D | E.E1000_TXD_CMD_TSE
+    popts = (E.E1000_TXD_POPTS_IXSM | E.E1000_TXD_POPTS_TXSM) << 8
+    rig.tx_desc(1, TX_BUF, hdr_len, data, popts)  # headers and payload in two buffers
+    rig.tx_desc(2, TX_BUF + 0x1000, len(payload), data | E.E1000_TXD_CMD_EOP
+                | E.E1000_TXD_CMD_RS, popts)
+    rig.w(E.E1000_TDT, 3)
+    segs = rig.sent()
+    assert [len(x) - hdr_len for x in segs] == [1000, 1000, 500]
+    assert b"".join(x[hdr_len:] for x in segs) == payload
+    for k, seg in enumerate(segs):
+        assert seg[:14] == pkt[:14]
+        ip, tcp = seg[14:34], seg[34:]
+        assert struct.unpack(">H", ip[2:4])[0] == len(seg) - 14  # total length
+        assert struct.unpack(">H", ip[4:6])[0] == 0x100 + k  # identification
+        assert csum16(ip, 0, 20) == 0  # IP checksum valid
+        assert struct.unpack(">I", tcp[4:8])[0] == 1000 + 1000 * k  # sequence
+        assert tcp[13] == (0x19 if k == 2 else 0x10)  # FIN|PSH on the last only
+        pseudo = ip[12:20] + struct.pack(">BBH", 0, 6, len(tcp))
+        assert csum16(pseudo + tcp, 0, 12 + len(tcp)) == 0  # TCP checksum valid
+    assert rig.nic.counts["tx_frames"] == 3
+
+
 def test_oversized_tse_and_runt_frames_dropped(rig: Rig) -> None:
     rig.tx_setup(8)
     rig.tx_desc(0, TX_BUF, 0x3000, 0)
@@ -563,7 +608,7 @@ def test_oversized_tse_and_runt_frames_dropped(rig: Rig) -> None:
     rig.tx_desc(3, TX_BUF, 10, E.E1000_TXD_CMD_EOP)  # shorter than a header
     rig.w(E.E1000_TDT, 4)
     assert rig.sent() == [] and rig.nic.counts["tx_dropped"] == 3
-    assert {"tx:big", "tx:tse", "tx:runt"} <= set(rig.nic.errors.counts)
+    assert {"tx:big", "tx:tso", "tx:runt"} <= set(rig.nic.errors.counts)  # TSE with MSS 0
     rig.rx_setup(8, rctl=E.E1000_RCTL_LPE)  # 2 KiB buffers: 15 KB needs 8, the ring has 7
     rig.inject(frame(n=15000))
     assert rig.nic.errors.counts["rx:ring"] == 1 and rig.nic.pending is None

@@ -23,14 +23,18 @@ What a driver sees (8254x SDM chapters 3, 5, 13):
 - Transmit: TCTL.EN, legacy and extended (DEXT) data descriptors from TDH to TDT-1;
   context descriptors set up checksum offload (IXSM/TXSM: the IP and TCP/UDP sums are
   computed and inserted), the legacy IC/CSO/CSS sum likewise; VLE inserts an 802.1Q
-  tag when CTRL.VME is set. RS gets DD written back and TXDW; TXQE when the ring is
-  empty. TCP segmentation (TSE) is not modelled: such a frame is dropped and counted.
+  tag when CTRL.VME is set. TCP segmentation (TSE, as Linux's e1000 uses it for TSO):
+  HDRLEN/MSS from the context, one frame per MSS with lengths, IP id, sequence number,
+  flags and both checksums made per segment. RS gets DD written back and TXDW; TXQE
+  when the ring is empty.
 
 Bad input from the guest (SDM-ish behaviour, logged once, counted, the VM goes on):
 a ring of zero length or a head/tail beyond it stops that ring's processing until the
 driver fixes it; a descriptor outside RAM stops the ring at it; a transmit buffer
 outside RAM or a frame past 16 KiB drops that frame (its descriptors still complete);
-a receive buffer outside RAM gets the RXE error in its descriptor; a frame that needs
+a receive buffer outside RAM gets the RXE error in its descriptor; a segmentation
+job is capped at 64 KiB of payload, one without a usable MSS/HDRLEN is dropped; a frame
+that needs
 more descriptors than the ring has is dropped. Every loop is bounded by the ring size.
 """
 
@@ -53,6 +57,7 @@ from pyvmm.uapi import pci as P
 from pyvmm.uapi import virtio as V
 
 MAX_TX_FRAME = 16384  # without TSO the 82540 sends at most 16 KiB frames (jumbo)
+MAX_TSO = 65535 + 256  # a TCP segmentation job: 64 KiB of payload and its headers
 MAX_RX_FRAME = 16384 + E.ETH_FCS_LEN
 STD_RX_FRAME = 1522  # without RCTL.LPE: 1518 bytes + an 802.1Q tag, FCS included
 RX_BATCH = 64  # frames per readiness callback, then the event loop serves others
@@ -155,6 +160,7 @@ class E1000(PCIDevice):
         self.tx_popts = 0
         self.tx_legacy_css = self.tx_legacy_cso = -1
         self.tx_ctx = (0, 0, 0, 0, 0, 0)  # ipcss, ipcso, ipcse, tucss, tucso, tucse
+        self.tx_tso = (0, 0, 0)  # the context's command (TSE, IP, TCP), HDRLEN, MSS
         self.wire.reset()
         self.phy.reset()
         self._update_link(signal=False)
@@ -453,6 +459,8 @@ class E1000(PCIDevice):
             if dtyp == E.E1000_TXD_DTYP_C:  # context: the offload set-up, no data
                 ipcss, ipcso, ipcse, tucss, tucso, tucse = struct.unpack_from("<BBHBBH", raw)
                 self.tx_ctx = (ipcss, ipcso, ipcse, tucss, tucso, tucse)
+                _, hdr_len, mss = struct.unpack_from("<BBH", raw, 12)
+                self.tx_tso = (lower, hdr_len, mss)
                 return
             if dtyp != E.E1000_TXD_DTYP_D:
                 self.errors.warn("tx:dtyp", f"e1000: transmit descriptor type "
@@ -471,7 +479,7 @@ class E1000(PCIDevice):
                 self.tx_legacy_css = upper >> 8 & 0xFF if lower & E.E1000_TXD_CMD_IC else -1
                 self.tx_legacy_cso = lower >> 16 & 0xFF
         self.tx_first = False
-        if len(self.tx_pkt) + length > MAX_TX_FRAME:
+        if len(self.tx_pkt) + length > (MAX_TSO if self.tx_tse else MAX_TX_FRAME):
             if not self.tx_bad:
                 self.errors.warn("tx:big", f"e1000: transmit frame longer than "
                                  f"{MAX_TX_FRAME} bytes (dropped)")
@@ -489,10 +497,6 @@ class E1000(PCIDevice):
     def _tx_frame(self, lower: int, upper: int) -> None:
         pkt, bad, tse = self.tx_pkt, self.tx_bad, self.tx_tse
         self.tx_pkt, self.tx_bad, self.tx_tse, self.tx_first = bytearray(), False, False, True
-        if tse:
-            self.errors.warn("tx:tse", "e1000: TCP segmentation (TSE) is not modelled "
-                             "(frame dropped; turn TSO off in the guest)")
-            bad = True
         if not bad and len(pkt) < 14:
             self.errors.warn("tx:runt", f"e1000: {len(pkt)}-byte transmit frame is shorter "
                              "than an Ethernet header (dropped)")
@@ -500,7 +504,62 @@ class E1000(PCIDevice):
         if bad:
             self.counts["tx_dropped"] += 1
             return
+        if tse:
+            for seg in self._segments(pkt):
+                self._offload(seg)
+                self._send(seg, lower, upper)
+            return
         self._offload(pkt)
+        self._send(pkt, lower, upper)
+
+    def _segments(self, pkt: bytearray) -> list[bytearray]:
+        """TCP segmentation (SDM 3.5): HDRLEN bytes of headers in front of every MSS
+        bytes of payload, with the IPv4 total length and identification (or the IPv6
+        payload length), the TCP sequence number and flags (FIN and PSH on the last
+        segment only, CWR on the first only) or the UDP length made per segment, and
+        the segment's L4 length added to the pseudo-header sum the driver left in the
+        checksum field (it leaves the sum without a length)."""
+        cmd, hdr_len, mss = self.tx_tso
+        ipcss, _, _, tucss, tucso, _ = self.tx_ctx
+        tcp = bool(cmd & E.E1000_TXD_CMD_TCP)
+        if (mss == 0 or hdr_len > len(pkt) or tucss + (20 if tcp else 8) > hdr_len
+                or ipcss + 20 > hdr_len or tucso + 2 > hdr_len):
+            self.errors.warn("tx:tso", f"e1000: TCP segmentation with HDRLEN {hdr_len}, "
+                             f"MSS {mss}, TUCSS {tucss} does not fit a {len(pkt)}-byte "
+                             "frame (dropped)")
+            self.counts["tx_dropped"] += 1
+            return []
+        hdr, payload = pkt[:hdr_len], pkt[hdr_len:]
+        ip_id = int.from_bytes(hdr[ipcss + 4:ipcss + 6], "big")
+        seq = int.from_bytes(hdr[tucss + 4:tucss + 8], "big")
+        flags = hdr[tucss + 13] if tcp else 0
+        out = []
+        offsets = range(0, max(len(payload), 1), mss)
+        for k, off in enumerate(offsets):
+            seg = bytearray(hdr) + payload[off:off + mss]
+            if cmd & E.E1000_TXD_CMD_IP:  # IPv4
+                seg[ipcss + 2:ipcss + 4] = (len(seg) - ipcss).to_bytes(2, "big")
+                seg[ipcss + 4:ipcss + 6] = ((ip_id + k) & 0xFFFF).to_bytes(2, "big")
+            else:  # IPv6: the payload length behind the 40-byte header
+                seg[ipcss + 4:ipcss + 6] = (len(seg) - ipcss - 40 & 0xFFFF).to_bytes(2, "big")
+            l4 = len(seg) - tucss
+            if tcp:
+                seg[tucss + 4:tucss + 8] = ((seq + off) & 0xFFFFFFFF).to_bytes(4, "big")
+                f = flags
+                if k != len(offsets) - 1:
+                    f &= ~0x09  # FIN, PSH
+                if k:
+                    f &= ~0x80  # CWR
+                seg[tucss + 13] = f
+            else:
+                seg[tucss + 4:tucss + 6] = l4.to_bytes(2, "big")
+            if self.tx_popts & E.E1000_TXD_POPTS_TXSM:
+                ph = int.from_bytes(seg[tucso:tucso + 2], "big") + l4
+                seg[tucso:tucso + 2] = ((ph & 0xFFFF) + (ph >> 16)).to_bytes(2, "big")
+            out.append(seg)
+        return out
+
+    def _send(self, pkt: bytearray, lower: int, upper: int) -> None:
         if lower & E.E1000_TXD_CMD_VLE and self.ctrl & E.E1000_CTRL_VME:
             pkt[12:12] = struct.pack(">HH", self.regs[E.E1000_VET], upper >> 16)
         if self.regs[E.E1000_TCTL] & E.E1000_TCTL_PSP and len(pkt) < E.ETH_ZLEN:
