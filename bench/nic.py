@@ -1,13 +1,12 @@
-"""The NIC in full emulation: the e1000 tiny guest's ping-pong (a 64-byte frame out
-through a TAP, a host echo sends it back) under pyvmm and under QEMU's -device e1000
-(-accel kvm), one run. Per round trip: latency (guest TSC, p50/p99), and for pyvmm the
-userspace exits and VMM CPU (differences between a run of N round trips and one of a
-few, so boot and set-up fall out). Needs root (it creates the TAP).
+"""One NIC, two emulation modes: the same ping-pong (a 64-byte frame out through a TAP,
+a host echo sends it back) from the e1000 tiny guest on an emulated 82540EM (full
+emulation) and from the virtio-net tiny guest (paravirtual), under pyvmm and under QEMU
+(-device e1000 / virtio-net-pci, -accel kvm), one run. Per round trip: latency (guest
+TSC, p50/p99), and for pyvmm the userspace exits and VMM CPU (differences between a run
+of N round trips and one of a few, so boot and set-up fall out). Needs root (it creates
+the TAP).
 
-    python bench/nic.py [--n 2000] [--rounds 3]
-
-virtio-net's row (the same workload on the paravirtual NIC) is not here yet: its tiny
-guest has no ping-pong mode.
+    python bench/nic.py [--n 2000] [--rounds 3] [--models e1000,virtio-net]
 """
 
 from __future__ import annotations
@@ -36,7 +35,11 @@ OUT = ROOT / "guests" / "out"
 FEW = 20
 MAC = "52:54:00:aa:bb:01"
 ECHO = bytes.fromhex("020000000001")
-LINE = re.compile(r"e1000-bench rtts=(\d+) p50_cycles=(\d+) p99_cycles=(\d+)")
+LINE = re.compile(r"(?:e1000|virtio-net)-bench rtts=(\d+) p50_cycles=(\d+) p99_cycles=(\d+)")
+MODELS = ("e1000", "virtio-net")
+GUEST = {"e1000": "e1000.elf", "virtio-net": "virtio_net.elf"}
+PYVMM_NET = {"e1000": ",model=e1000", "virtio-net": ""}
+QEMU_DEV = {"e1000": "e1000", "virtio-net": "virtio-net-pci,disable-legacy=on"}
 
 
 @contextmanager
@@ -73,25 +76,25 @@ def echo_tap() -> Iterator[str]:
         subprocess.run(["ip", "link", "del", name], check=False)
 
 
-def pyvmm(tap: str, n: int) -> tuple[str, float, int]:
+def pyvmm(model: str, tap: str, n: int) -> tuple[str, float, int]:
     with tempfile.TemporaryDirectory() as d:
         js = Path(d) / "x.json"
         out, cpu = timed([sys.executable, "-m", "pyvmm", "run", "-q", "--timeout", "300",
-                          "--no-pci-testdev", "--kernel", str(OUT / "e1000.elf"), "--net",
-                          f"tap={tap},model=e1000,mac={MAC}", "--cmdline", f"bench={n}",
+                          "--no-pci-testdev", "--kernel", str(OUT / GUEST[model]), "--net",
+                          f"tap={tap}{PYVMM_NET[model]},mac={MAC}", "--cmdline", f"bench={n}",
                           "--exits-json", str(js)])
         exits = sum(json.loads(js.read_text())["exits"].values())
     return out, cpu, exits
 
 
-def qemu(tap: str, n: int) -> tuple[str, float, int]:
+def qemu(model: str, tap: str, n: int) -> tuple[str, float, int]:
     out, cpu = timed([shutil.which("qemu-system-x86_64") or "qemu-system-x86_64", "-accel",
                       "kvm", "-cpu", "host,arch-capabilities=off", "-M", "q35", "-m", "64",
                       "-nodefaults", "-nographic", "-serial", "stdio", "-monitor", "none",
                       "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-                      "-kernel", str(OUT / "e1000.elf"), "-append", f"bench={n} qemu=1",
+                      "-kernel", str(OUT / GUEST[model]), "-append", f"bench={n} qemu=1",
                       "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-                      "-device", f"e1000,netdev=n0,mac={MAC},romfile="])
+                      "-device", f"{QEMU_DEV[model]},netdev=n0,mac={MAC},romfile="])
     return out, cpu, 0
 
 
@@ -99,37 +102,43 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="round trips per run (at most 4096)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--models", default=",".join(MODELS), help="which of " + ", ".join(MODELS))
     a = ap.parse_args()
     hz = tsc_hz()
-    vmms: list[tuple[str, Callable[[str, int], tuple[str, float, int]]]] = [("pyvmm", pyvmm)]
+    vmms: list[tuple[str, Callable[[str, str, int], tuple[str, float, int]]]] = [
+        ("pyvmm", pyvmm)]
     if shutil.which("qemu-system-x86_64"):
         vmms.append(("QEMU", qemu))
-    rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    rows: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     with echo_tap() as tap:
         for r in range(a.rounds):
             for name, run in (vmms if r % 2 == 0 else vmms[::-1]):
-                try:
-                    out, cpu, exits = run(tap, a.n)
-                    _, cpu0, exits0 = run(tap, FEW)
-                except RuntimeError as e:
-                    print(f"{name}: {e}", file=sys.stderr)
-                    continue
-                m = LINE.search(out)
-                assert m, out[-400:]
-                per = a.n - FEW
-                rows.setdefault(name, []).append(
-                    (int(m.group(2)) / hz * 1e6, int(m.group(3)) / hz * 1e6,
-                     (exits - exits0) / per, (cpu - cpu0) / per * 1e6))
-    print(f"e1000 ping-pong through a TAP (64-byte frames, host echo), {a.n} round trips, "
+                for model in a.models.split(","):
+                    try:
+                        out, cpu, exits = run(model, tap, a.n)
+                        _, cpu0, exits0 = run(model, tap, FEW)
+                    except RuntimeError as e:
+                        print(f"{name} {model}: {e}", file=sys.stderr)
+                        continue
+                    m = LINE.search(out)
+                    assert m, out[-400:]
+                    per = a.n - FEW
+                    rows.setdefault((name, model), []).append(
+                        (int(m.group(2)) / hz * 1e6, int(m.group(3)) / hz * 1e6,
+                         (exits - exits0) / per, (cpu - cpu0) / per * 1e6))
+    print(f"ping-pong through a TAP (64-byte frames, host echo), {a.n} round trips, "
           f"{a.rounds} interleaved rounds, median over the rounds")
-    print("| VMM | device | p50 µs | p99 µs | exits/round trip | VMM CPU µs/round trip |")
-    print("|---|---|---|---|---|---|")
+    print("| VMM | mode | device | p50 µs | p99 µs | exits/round trip | VMM CPU µs/round trip |")
+    print("|---|---|---|---|---|---|---|")
     med = {k: [statistics.median(x[i] for x in v) for i in range(4)] for k, v in rows.items()}
-    for name, (p50, p99, ex, cpu) in med.items():
+    for (name, model), (p50, p99, ex, cpu) in sorted(med.items()):
+        kind = "paravirtual" if model == "virtio-net" else "full emulation"
         exs, cpus = (f"{ex:.1f}", f"{cpu:.0f}") if name == "pyvmm" else ("n/a", "n/a")
-        print(f"| {name} | e1000 | {p50:.1f} | {p99:.1f} | {exs} | {cpus} |")
-    if "pyvmm" in med and "QEMU" in med:
-        print(f"pyvmm/QEMU latency, e1000: {med['pyvmm'][0] / med['QEMU'][0]:.2f}x")
+        print(f"| {name} | {kind} | {model} | {p50:.1f} | {p99:.1f} | {exs} | {cpus} |")
+    for model in MODELS:
+        if ("pyvmm", model) in med and ("QEMU", model) in med:
+            print(f"pyvmm/QEMU latency, {model}: "
+                  f"{med[('pyvmm', model)][0] / med[('QEMU', model)][0]:.2f}x")
     return 0
 
 
