@@ -4,9 +4,9 @@ with the 12-byte vnet header in front).
 
 Registers (CTRL/STATUS, EEPROM by EERD and by microwire, MDIC and the PHY, ICR
 read-to-clear, ICS/IMS/IMC and INTx), both rings with wrap-around, the receive filter,
-checksum offload, TCP segmentation, and what a broken or hostile driver can do: zero-length rings,
-heads/tails past the ring, descriptors and buffers outside RAM, random register
-sequences — logged, counted, never raised."""
+checksum offload, TCP segmentation, and what a broken or hostile driver can do:
+zero-length rings, heads/tails past the ring, descriptors and buffers outside RAM,
+random register sequences — logged, counted, never raised."""
 
 from __future__ import annotations
 
