@@ -94,6 +94,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*K, "--serial", "socket:live.sock"], "another process is listening"),
     ([*K, "--serial", "socket:" + "s" * 120], "limit of a Unix socket path"),
     ([*K, "--serial", "stdio:x"], "takes no path"),
+    ([*K, "--keyboard", "tty"], "use none or stdin"),
     # exits json
     ([*K, "--exits-json", "nofolder/x.json"], "does not exist"),
     ([*K, "--exits-json", "precious.txt", "--memory", "1M"], "too small"),

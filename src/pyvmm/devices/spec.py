@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.schema import option
+from pyvmm.sharing.ratelimit import Limits
 
 if TYPE_CHECKING:
     from pyvmm.backends.io_pool import IoPool
@@ -71,6 +72,35 @@ class VirtioConfig(DeviceConfig):
 
 
 @dataclass(kw_only=True)
+class LimitsConfig(DeviceConfig):
+    """Token buckets for a device's operations and bytes (Firecracker's semantics: each
+    refills at its rate up to its burst; a request waits in the ring while either is
+    empty, nothing is dropped)."""
+
+    iops: int | None = option(None, "at most this many requests per second (none: no limit)")
+    iops_burst: int | None = option(None, "requests that may go at once after idling "
+                                    "(default: one second's worth)")
+    bps: int | None = option(None, "at most this many bytes per second (none: no limit)")
+    bps_burst: int | None = option(None, "bytes that may go at once after idling "
+                                   "(default: one second's worth)")
+
+    def check(self) -> None:
+        if (more := getattr(super(), "check", None)) is not None:
+            more()  # a config that mixes this in with others checks theirs too
+        for key in ("iops", "iops_burst", "bps", "bps_burst"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                raise ValueError(f"{key} must be a positive number")
+        if self.iops_burst is not None and self.iops is None:
+            raise ValueError("iops_burst needs iops")
+        if self.bps_burst is not None and self.bps is None:
+            raise ValueError("bps_burst needs bps")
+
+    def limits(self) -> Limits:
+        return Limits(self.iops, self.iops_burst, self.bps, self.bps_burst)
+
+
+@dataclass(kw_only=True)
 class DiskConfig(DeviceConfig):
     """What every disk device takes, whatever its interface."""
 
@@ -82,6 +112,8 @@ class DiskConfig(DeviceConfig):
                                 "and its index)")
 
     def check(self) -> None:
+        if (more := getattr(super(), "check", None)) is not None:
+            more()
         if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
                                         or not self.serial.isprintable()):
             raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")

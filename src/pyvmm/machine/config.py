@@ -27,6 +27,7 @@ from pyvmm.devices.spec import DeviceConfig, DeviceSpec
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import DEBUG_EXIT_BASE, MiB
 from pyvmm.registry import DEVICES, find
+from pyvmm.sandbox import SeccompMode
 from pyvmm.schema import Size, option, parse_size
 
 MIN_MEMORY = 2 * MiB
@@ -67,6 +68,9 @@ class MachineConfig:
     cmdline: str = option("", "kernel command line")
     serial: str = option("stdio", "COM1's host end: stdio, file:PATH, socket:PATH or none",
                          metavar="stdio|file:PATH|socket:PATH|none")
+    keyboard: str = option("none", "the PS/2 keyboard's host input: none, or stdin (terminal "
+                           "keys as key presses; serial=stdio is then output only)",
+                           metavar="none|stdin")
     load_addr: int | None = option(None, "load a flat binary here (forces the flat format)")
     entry: int | None = option(None, "entry address of a flat binary (default: load address)")
     exits_json: str | None = option(None, "write the per-device exit accounting as JSON here",
@@ -82,6 +86,9 @@ class MachineConfig:
                                   "LAPIC in KVM, PIC/IOAPIC/PIT in Python")
     msi: MsiPath = option(MsiPath.IRQFD, "device MSI/MSI-X: irqfd (an irqfd and GSI route per "
                           "vector) or signal (KVM_SIGNAL_MSI per message)")
+    seccomp: SeccompMode = option(SeccompMode.ENFORCE, "per-thread system-call allow-lists "
+                                  "(vCPU, event loop, I/O pool): enforce refuses others with "
+                                  "EPERM, log only logs them (docs/security.md)")
     devices: list[DeviceEntry] = option(factory=list, doc="the machine's devices, in slot "
                                         "order", cli="")
 
@@ -104,9 +111,13 @@ class MachineConfig:
             if v is not None and not 0 <= v < 1 << 64:
                 raise ValueError(f"{what} {v:#x} is not an address")
         CharSpec.parse(self.serial)
+        if self.keyboard not in ("none", "stdin"):
+            raise ValueError(f"keyboard {self.keyboard!r}: use none or stdin")
         for d in self.devices:
             if (getattr(d.config, "backend", None) == "stdio" and self.serial == "stdio"):
                 raise ValueError(f"serial and {d.name} cannot both use stdio")
+            if getattr(d.config, "backend", None) == "stdio" and self.keyboard == "stdin":
+                raise ValueError(f"keyboard and {d.name} cannot both use stdin")
 
     def validate(self) -> None:
         """``check`` plus what needs the host: the kernel file, the host's memory."""

@@ -1,5 +1,5 @@
 """A machine's lifecycle: built (``machine/builder.py``), run (``machine/runloop.py`` on
-the vCPU thread, the event loop on the caller's), paused and resumed, stopped,
+the vCPU thread, the event loop on its own; the caller's thread waits), paused and resumed, stopped,
 reported (``machine/report.py``), closed.
 
 States: CREATED → RUNNING ⇄ PAUSED → STOPPED; a call in the wrong state raises
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyvmm import pvm
+from pyvmm import pvm, sandbox
 from pyvmm.backends.char import SerialIo
 from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.spec import DeviceSpec
@@ -45,6 +45,8 @@ from pyvmm.uapi import kvm as K
 if TYPE_CHECKING:
     from pyvmm.acpi.tables import AcpiTables
     from pyvmm.bus import IoBus, MmioBus
+    from pyvmm.devices.input.ps2_kbd import Ps2Keyboard
+    from pyvmm.devices.input.ps2_mouse import Ps2Mouse
     from pyvmm.devices.legacy.debug_exit import DebugExit
     from pyvmm.devices.legacy.i8042 import I8042
     from pyvmm.devices.legacy.pit import Pit
@@ -96,6 +98,8 @@ class Machine:
     serial_io: SerialIo
     serial: Serial
     i8042: I8042
+    keyboard: Ps2Keyboard  # host input: press/release/type_text (any thread)
+    mouse: Ps2Mouse  # host input: move(dx, dy, dz, buttons) (any thread)
     debug_exit: DebugExit
     testdev: TestDev
     rtc: Rtc
@@ -198,34 +202,50 @@ class Machine:
         if threading.current_thread() is threading.main_thread():
             old_term = signal.signal(signal.SIGTERM, lambda *_: self.stop(
                 "terminated", 143, "SIGTERM"))
+        sandbox.prepare(self.cfg.seccomp)
         t0 = time.monotonic()
-        cpu0 = time.thread_time()
         thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
         self.vcpu_thread = thread
-        thread.start()
-        deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
+        # The event loop runs on a thread of its own, so that it can have its own
+        # seccomp filter while this thread — which may be a program's main thread —
+        # stays unfiltered for what comes after run() (the report, files, close).
+        loop = threading.Thread(target=self._event_loop_thread, args=(t0,),
+                                name="event-loop", daemon=True)
         proc0 = time.process_time()
+        thread.start()
+        loop.start()
         try:
-            while not self.flags.stopping:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                self.events.run_once(wait)  # contains what its callbacks raise
-                if deadline is not None and time.monotonic() >= deadline:
-                    self.stop("timeout", 124, f"no result within {self.cfg.timeout:g} s")
+            while loop.is_alive():
+                loop.join(0.5)  # a timed wait: Ctrl-C and SIGTERM get through
         except KeyboardInterrupt:
             self.stop("interrupted", 130, "interrupted")
-        except Exception as e:  # the loop itself failed (not a callback): report, stop
-            self.stop("error", 1, f"internal error in the event loop: {e!r}")
+            loop.join(VCPU_STOP_GRACE_S)
         self._join_vcpu(thread)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         self.state = VmState.STOPPED
         assert self.result is not None
         self.result.wall_time = time.monotonic() - t0
-        self.event_loop_cpu = time.thread_time() - cpu0  # device work + host I/O
         self.off_vcpu_cpu = max(0.0, time.process_time() - proc0 - self.vcpu_thread_cpu)
         self.result.exit_counts = report.exit_kinds(self.exit_counts)
         self.serial_io.flush()
         return self.result
+
+    def _event_loop_thread(self, t0: float) -> None:
+        sandbox.name_thread("event-loop")
+        sandbox.apply("event-loop", self.cfg.seccomp)
+        cpu0 = time.thread_time()
+        deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
+        try:
+            while not self.flags.stopping:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self.events.run_once(wait)  # contains what its callbacks raise
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop("timeout", 124, f"no result within {self.cfg.timeout:g} s")
+        except Exception as e:  # the loop itself failed (not a callback): report, stop
+            self.stop("error", 1, f"internal error in the event loop: {e!r}")
+        finally:
+            self.event_loop_cpu = time.thread_time() - cpu0  # device work + host I/O
 
     def _join_vcpu(self, thread: threading.Thread) -> None:
         """Kick the vCPU out of KVM_RUN until its thread ends — but not forever: a thread
@@ -252,6 +272,8 @@ class Machine:
     def _vcpu_thread(self) -> None:
         vcpu = self.vcpu
         vcpu.thread_id = threading.get_ident()
+        sandbox.name_thread("vcpu0")
+        sandbox.apply("vcpu", self.cfg.seccomp)
         cpu0 = time.thread_time()
         try:
             run_vcpu(vcpu, self.pio, self.mmio, self.irqchip, self.exit_counts,
