@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 
 from pyvmm.bus import IoBus, MmioBus
 from pyvmm.devices.emulated.e1000.nic import E1000, csum16
+from pyvmm.errors import ConfigError
+from pyvmm.event import EventManager
 from pyvmm.irq.msi import RecordingMsiSink
 from pyvmm.machine.pci import build_pci
 from pyvmm.memory import GuestMemory
-from pyvmm.sharing.switch import SwitchPort
+from pyvmm.sharing.switch import Switch, SwitchPort, receive_port
 from pyvmm.testing.lines import RecordingLine
 from pyvmm.uapi import e1000 as E
 from pyvmm.uapi import pci as P
@@ -654,3 +656,43 @@ def test_random_register_sequences_never_raise(ops: list[tuple[str, int, int, in
             assert nic.icr & ~E.E1000_ICR_VALID == 0
     finally:
         rig.close()
+
+
+# --- a VMM's NIC on a switch in another process --------------------------------------
+def test_remote_switch_port_carries_frames_and_goes_with_its_connection() -> None:
+    ev = EventManager()
+    sw = Switch(ev)
+    local = sw.port("local")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sw.serve_port(a, "vmm")  # what the backend does for each --port connection
+    remote = receive_port(b, "vmm")  # what connect_port does in the VMM
+    mem = GuestMemory([(0, RAM)])
+    nic = E1000(mem, remote, MAC, None)  # the e1000 on it, driven directly
+    try:
+        bcast = frame(b"\xff" * 6)
+        remote.writev([bytes(HDR), bcast])
+        ev.run_once(0.5)
+        assert local.read() == bytes(HDR) + bcast
+        back = bytes(HDR) + MAC + bytes.fromhex("020000000009") + b"\x88\xb5" + b"x" * 50
+        local.writev([back])  # to the learned MAC: only the remote port
+        ev.run_once(0.5)
+        assert remote.read() == back
+        assert [p.name for p in sw.stats()] == ["local", "vmm"]
+        remote.close()  # the VMM goes away: its connection ends, the port goes
+        for _ in range(3):
+            ev.run_once(0.2)
+        assert [p.name for p in sw.stats()] == ["local"] and MAC not in sw.macs
+    finally:
+        nic.close()
+        local.close()
+        sw.close()
+        ev.close()
+        mem.close()
+
+
+def test_receive_port_refuses_what_is_not_a_switch() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.send(b"hello")
+    with pytest.raises(ConfigError, match="not a pyvmm switch port"):
+        receive_port(b, "x")
+    a.close()

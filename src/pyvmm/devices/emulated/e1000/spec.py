@@ -19,9 +19,12 @@ if TYPE_CHECKING:
 
 @dataclass(kw_only=True)
 class E1000Config(DeviceConfig):
-    """An Intel 82540EM on a TAP (join it to pyvmm's switch as the switch's TAP uplink)."""
+    """An Intel 82540EM on a TAP, or on a port of pyvmm's learning switch."""
 
     tap: str = option("auto", "the TAP to attach (auto: a new one the kernel names)")
+    switch: str | None = option(None, "instead of a TAP: a port of pyvmm's switch, the "
+                                "socket of `pyvmm backend vhost-user-net --port PATH`",
+                                metavar="PATH")
     mac: str | None = option(None, "the MAC in the EEPROM (default 52:54:00:12:34:56 + "
                              "index)")
 
@@ -30,6 +33,8 @@ class E1000Config(DeviceConfig):
 
         if self.mac is not None:
             check_mac(self.mac)
+        if self.switch is not None and self.tap != "auto":
+            raise ValueError("tap and switch exclude each other: the NIC has one host end")
 
     def mac_bytes(self, index: int) -> bytes:
         if self.mac is not None:
@@ -40,14 +45,19 @@ class E1000Config(DeviceConfig):
 def create(cfg: E1000Config, ctx: HostContext) -> E1000:
     from pyvmm.backends.tap import Tap
     from pyvmm.devices.emulated.e1000.nic import E1000
+    from pyvmm.sharing.switch import SwitchPort, connect_port
 
-    tap = Tap("" if cfg.tap == "auto" else cfg.tap)
-    ctx.on_close(tap.close)
-    nic = E1000(ctx.mem, tap, cfg.mac_bytes(ctx.index), ctx.events)
+    backend: Tap | SwitchPort
+    if cfg.switch is not None:
+        backend = connect_port(cfg.switch)
+    else:
+        backend = Tap("" if cfg.tap == "auto" else cfg.tap)
+    ctx.on_close(backend.close)
+    nic = E1000(ctx.mem, backend, cfg.mac_bytes(ctx.index), ctx.events)
     ctx.on_close(nic.close)
     return nic
 
 
 SPEC = DeviceSpec("e1000", E1000Config, Kind.PCI, create,
-                  "Intel 82540EM (e1000) NIC on a TAP, fully emulated",
+                  "Intel 82540EM (e1000) NIC on a TAP or a switch port, fully emulated",
                   option="net", select=("model", "e1000"), positional="tap", doc="e1000")
