@@ -152,6 +152,19 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
     c = sub.add_parser("config", help="the configuration's reference")
     c.add_argument("--schema", action="store_true", help="print the JSON Schema")
     c.add_argument("--doc", action="store_true", help="print docs/config.md")
+    c.add_argument("--openapi", action="store_true",
+                   help="print the control API's OpenAPI document (docs/openapi.json)")
+    from pyvmm.api import COMMANDS  # a dict only: no HTTP client at start-up
+
+    rm = sub.add_parser("remote", help="control a running VM through its --api-socket "
+                        "(exit code 4: unreachable, 5: refused)")
+    rm.add_argument("--api-socket", required=True, metavar="PATH",
+                    help="the socket given to pyvmm run --api-socket")
+    rm.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    rm.add_argument("remote_command", metavar="COMMAND", choices=list(COMMANDS),
+                    help="one of " + ", ".join(COMMANDS))
+    rm.add_argument("device", metavar="DEVICE", nargs="?",
+                    help="trace, trace-on, trace-off: the device (a name from 'devices')")
     return p
 
 
@@ -451,11 +464,34 @@ def _config_ref(a: argparse.Namespace) -> int:
     from pyvmm.machine.config import config_schema
     from pyvmm.machine.configdoc import config_doc
 
-    if a.schema:
+    if a.openapi:
+        from pyvmm.api.openapi import openapi_document
+
+        print(json.dumps(openapi_document(), indent=2))
+    elif a.schema:
         print(json.dumps(config_schema(), indent=2))
     else:
         print(config_doc(), end="")
     return 0
+
+
+def _run_with_api(cfg: MachineConfig, run_machine: Any) -> int:
+    """``run`` with the control API: the socket path is claimed before the VM is built
+    (a path that is taken is one line, nothing built) and removed when the VM stops."""
+    assert cfg.api_socket is not None
+    try:
+        from pyvmm.api.server import ApiServer
+    except ImportError as e:  # aiohttp is a dependency; a broken install says so
+        raise ConfigError(f"--api-socket needs the aiohttp package ({e})") from None
+    from pyvmm.machine.config import web_address
+
+    server = ApiServer(cfg.api_socket,
+                       tcp=None if cfg.web is None else web_address(cfg.web))
+    try:
+        code: int = run_machine(cfg, attach=server.attach).exit_code
+        return code
+    finally:
+        server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,11 +504,17 @@ def main(argv: list[str] | None = None) -> int:
             return _config_ref(args)
         if args.command == "backend":
             return _backend(args)
+        if args.command == "remote":
+            from pyvmm.api.client import run
+
+            return run(args.api_socket, args.remote_command, args.json, device=args.device)
         cfg = _config_from_args(args)
         cfg.validate()
         from pyvmm.machine.vm import run_machine
 
-        return run_machine(cfg).exit_code
+        if cfg.api_socket is None:
+            return run_machine(cfg).exit_code
+        return _run_with_api(cfg, run_machine)
     except (KvmUnavailable, PvmProbeError) as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return EXIT_KVM

@@ -9,6 +9,7 @@ Tests may pass a longer tuple of their own to ``MachineConfig`` and ``Machine``.
 
 from __future__ import annotations
 
+from pyvmm.devices.assigned import vfio_user
 from pyvmm.devices.emulated.e1000 import spec as e1000
 from pyvmm.devices.emulated.ide import spec as ide
 from pyvmm.devices.legacy import fw_cfg
@@ -27,6 +28,7 @@ DEVICES: tuple[DeviceSpec, ...] = (
     rng.SPEC,
     fw_cfg.SPEC,
     ide.SPEC,
+    vfio_user.SPEC,
     e1000.SPEC,
 )
 

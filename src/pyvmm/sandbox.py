@@ -87,10 +87,13 @@ EVENT_LOOP = (
 )
 IO_POOL = (*PYTHON, "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
            "fsync", "fdatasync", "fallocate", "ioctl")
+# The control API's thread once listening: its own asyncio loop, HTTP on accepted
+# connections, lazy imports at a first request (prometheus_client at the first scrape:
+# openat, getdents64), an executor thread for pause/resume/stop (clone, threads only).
 API = (*PYTHON, "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "eventfd2",
        "pipe2", "recvfrom", "recvmsg", "sendto", "sendmsg", "accept4", "shutdown",
        "getsockopt", "setsockopt", "getsockname", "getpeername", "socketpair", "ioctl",
-       "openat")
+       "openat", "getdents64", "readlink", "readlinkat", "sendfile")
 # A backend process after set-up: the event loop's list plus its I/O threads' (it
 # runs both in one process); it may also start threads (see STARTS_THREADS).
 BACKEND = (*EVENT_LOOP, *IO_POOL)
@@ -100,7 +103,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "backend": BACKEND,
 }
 UNIX_SOCKETS_ONLY = frozenset(("event-loop", "api", "backend"))
-STARTS_THREADS = frozenset(("backend",))
+STARTS_THREADS = frozenset(("backend", "api"))
 
 _log = OnceLog()
 _state = threading.local()

@@ -142,18 +142,19 @@ def seccomp_of(pid: int) -> dict[str, int]:
 def test_a_running_vmm_s_threads_are_filtered_and_its_main_thread_is_not(
         guests: Path, tmp_path: Path) -> None:
     p = subprocess.Popen(pyvmm_cmd("run", "-q", "--kernel", str(guests / "spin.elf"),
-                                   "--timeout", "120", "--serial", "none"),
+                                   "--timeout", "120", "--serial", "none",
+                                   "--api-socket", str(tmp_path / "api.sock")),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         modes: dict[str, int] = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # until both threads have filtered themselves
             modes = seccomp_of(p.pid)
-            if modes.get("vcpu0") == 2 and modes.get("event-loop") == 2:
+            if modes.get("vcpu0") == modes.get("event-loop") == modes.get("api") == 2:
                 break
             assert p.poll() is None, p.stderr.read() if p.stderr else ""
             time.sleep(0.1)
-        assert modes.get("vcpu0") == 2 and modes.get("event-loop") == 2, modes
+        assert modes.get("vcpu0") == modes.get("event-loop") == modes.get("api") == 2, modes
         main = Path(f"/proc/{p.pid}/status").read_text()
         assert "Seccomp:\t0" in main  # the main thread builds, waits and reports
     finally:

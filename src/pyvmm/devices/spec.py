@@ -41,6 +41,7 @@ from pyvmm.sharing.ratelimit import Limits
 
 if TYPE_CHECKING:
     from pyvmm.backends.io_pool import IoPool
+    from pyvmm.devices.assigned.shmem import BarMapper
     from pyvmm.event import EventManager
     from pyvmm.irq.line import InterruptLine
     from pyvmm.irq.msi import MsiSink
@@ -53,6 +54,15 @@ class Kind(enum.StrEnum):
     VIRTIO = "virtio"
     PCI = "pci"
     ISA = "isa"
+
+
+class Mode(enum.StrEnum):
+    """How the guest's accesses reach the device's logic (what docs/api.md reports)."""
+
+    EMULATED = "emulated"  # registers trapped: every access an exit to the VMM
+    PARAVIRTUAL = "paravirtual"  # virtio: rings in guest memory, kicks by ioeventfd
+    OUT_OF_PROCESS = "out-of-process"  # virtio rings served by another process
+    ASSIGNED = "assigned"  # BARs mapped into the guest, interrupts by irqfd
 
 
 class Transport(enum.StrEnum):
@@ -174,6 +184,12 @@ class HostContext(Protocol):
         """How many vCPUs the guest has."""
         ...
 
+    def bar_mapper(self) -> BarMapper | None:
+        """Maps host memory into the guest at a BAR's address (KVM memslots in a VM),
+        so the guest's accesses there never exit; None where the host cannot (the
+        vfio-user export, tests): such BARs are trapped."""
+        ...
+
 
 class DeviceSpec(NamedTuple):
     # A NamedTuple, not a frozen dataclass: every device module makes one at import,
@@ -190,3 +206,10 @@ class DeviceSpec(NamedTuple):
     gsi: int | tuple[int, ...] | None = None  # fixed ISA interrupt line(s): ctx.line(i)
     exportable: bool = True  # can be served over vfio-user (PCI and virtio kinds)
     doc: str = ""  # docs/devices/<page>.md
+    mode: Mode | None = None  # default: PARAVIRTUAL for VIRTIO, else EMULATED
+
+    @property
+    def io_mode(self) -> Mode:
+        if self.mode is not None:
+            return self.mode
+        return Mode.PARAVIRTUAL if self.kind is Kind.VIRTIO else Mode.EMULATED

@@ -19,6 +19,7 @@ from pyvmm.backends.char import CharSpec, SerialIo
 from pyvmm.backends.io_pool import IoPool
 from pyvmm.backends.key_input import KeyInput
 from pyvmm.bus import IoBus, MmioBus
+from pyvmm.devices.assigned.shmem import BarMapper
 from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.ioapic import IOAPIC_SIZE
@@ -119,6 +120,9 @@ class BuildContext:
     def cpus(self) -> int:
         return 1
 
+    def bar_mapper(self) -> BarMapper | None:
+        return self._b.m.memslots
+
 
 class Builder:
     def __init__(self, machine: Machine) -> None:
@@ -141,8 +145,9 @@ class Builder:
         m.pio, m.mmio = IoBus(), MmioBus()
         self._board()
         m.fast_path = IoeventfdFastPath(vm, m.events)
-        pci_devices = self._devices(cfg.devices)
+        # Before the devices: an assigned function (vfio-user) maps its BARs with it.
         m.memslots = MemslotMapper(vm, first_slot=len(list(m.mem.regions())))
+        pci_devices = self._devices(cfg.devices)
         m.pci = build_pci(m.pio, m.mmio, m.mem, m.irqchip, cfg.pci_testdev, pci_devices,
                           bar_mapper=m.memslots)
         for _, dev in m.pci.functions():

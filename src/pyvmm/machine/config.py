@@ -89,6 +89,11 @@ class MachineConfig:
     seccomp: SeccompMode = option(SeccompMode.ENFORCE, "per-thread system-call allow-lists "
                                   "(vCPU, event loop, I/O pool): enforce refuses others with "
                                   "EPERM, log only logs them (docs/security.md)")
+    api_socket: str | None = option(None, "serve the control API (HTTP/1.1, docs/api.md) on this "
+                                    "Unix socket while the VM runs", metavar="PATH")
+    web: str | None = option(None, "also serve the API and its live web page on this "
+                             "loopback TCP address (needs api_socket; port 0: any free "
+                             "port)", metavar="127.0.0.1:PORT")
     devices: list[DeviceEntry] = option(factory=list, doc="the machine's devices, in slot "
                                         "order", cli="")
 
@@ -113,6 +118,10 @@ class MachineConfig:
         CharSpec.parse(self.serial)
         if self.keyboard not in ("none", "stdin"):
             raise ValueError(f"keyboard {self.keyboard!r}: use none or stdin")
+        if self.web is not None:
+            if self.api_socket is None:
+                raise ValueError("web needs api_socket (the web page is the API's)")
+            web_address(self.web)
         for d in self.devices:
             if (getattr(d.config, "backend", None) == "stdio" and self.serial == "stdio"):
                 raise ValueError(f"serial and {d.name} cannot both use stdio")
@@ -134,6 +143,11 @@ class MachineConfig:
             parent = Path(self.exits_json).parent
             if not parent.is_dir():
                 raise ConfigError(f"exits-json {self.exits_json!r}: folder {str(parent)!r} "
+                                  "does not exist")
+        if self.api_socket is not None:
+            parent = Path(self.api_socket).parent
+            if not parent.is_dir():
+                raise ConfigError(f"api-socket {self.api_socket!r}: folder {str(parent)!r} "
                                   "does not exist")
         for d in self.devices:
             host_check = getattr(d.config, "validate", None)
@@ -192,6 +206,25 @@ def device_entry(item: object, where: str, registry: tuple[DeviceSpec, ...],
                           f"{schema.did_you_mean(name, [s.name for s in registry])}")
     body = {k: v for k, v in item.items() if k != "type"}
     return DeviceEntry(spec, schema.build(spec.config, body, f"{where} ({name})", text=text))
+
+
+def web_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` for ``web``, HOST a loopback address: the API can pause and stop
+    the VM, so it is never offered to other machines."""
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"web {text!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"web {text!r}: only a loopback address (127.0.0.1, ::1, "
+                         "localhost): the API controls the VM")
+    return host, int(port)
 
 
 def load_json_object(path: str, what: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar, cast
 
 from pyvmm.backends.io_pool import IoPool
+from pyvmm.devices.assigned.shmem import BarMapper
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.errors import ConfigError
@@ -49,6 +50,9 @@ class ExportContext:
 
     def cpus(self) -> int:
         return 1  # the client's; a PCI function is not told
+
+    def bar_mapper(self) -> BarMapper | None:
+        return None  # the client maps what bar_memory offers (mmap'able regions)
 
     def attach(self, fn: PCIDevice) -> None:
         """Close what the device opened when the session closes its device."""

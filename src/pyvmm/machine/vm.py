@@ -122,6 +122,7 @@ class Machine:
         self.exit_counts: Counter[int] = Counter()
         self.result: RunResult | None = None
         self.state = VmState.CREATED
+        self.started_at: float | None = None  # time.monotonic() when run() began (uptime)
         self.flags = RunFlags()
         self._stop_lock = threading.Lock()
         self.vcpu_stuck = False
@@ -203,7 +204,7 @@ class Machine:
             old_term = signal.signal(signal.SIGTERM, lambda *_: self.stop(
                 "terminated", 143, "SIGTERM"))
         sandbox.prepare(self.cfg.seccomp)
-        t0 = time.monotonic()
+        t0 = self.started_at = time.monotonic()
         thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
         self.vcpu_thread = thread
         # The event loop runs on a thread of its own, so that it can have its own
@@ -358,11 +359,18 @@ class Machine:
         self.close()
 
 
-def run_machine(cfg: MachineConfig, stream: Any = None) -> RunResult:
-    """Build, run and report (the CLI's ``run``)."""
+def run_machine(cfg: MachineConfig, stream: Any = None,
+                attach: Callable[[Machine], Callable[[], None]] | None = None) -> RunResult:
+    """Build, run and report (the CLI's ``run``). ``attach`` is called with the built
+    machine before it runs (the control API) and returns what to call once it stopped."""
     out = stream or sys.stderr
     with Machine(cfg) as m:
-        result = m.run()
+        detach = attach(m) if attach is not None else None
+        try:
+            result = m.run()
+        finally:
+            if detach is not None:
+                detach()  # the API socket goes with the VM, before the report
         if not cfg.quiet:
             print(f"pyvmm: VM stopped: {result.message or result.reason} "
                   f"(exit code {result.exit_code}, {result.wall_time:.3f} s)", file=out)
