@@ -2,7 +2,8 @@
  * receive buffers of 2048 bytes, transmit one frame (ethertype 0x88b5, payload
  * "pyvmm-tx <seed>"), then print every frame received until one whose payload starts
  * with "pyvmm-end": its length, the number of buffers it arrived in (num_buffers), and
- * a checksum of the payload. */
+ * a checksum of the payload. bench=N: N ping-pongs with a host echo instead
+ * (bench/nic.py). */
 #include "virtio.h"
 
 #define VIRTIO_NET_F_MAC 5
@@ -40,6 +41,39 @@ static int next_used(struct vq *q, u32 *id, u32 *len)
     return -1;
 }
 
+/* bench=N: N ping-pongs with a host echo (dst 02:00:00:00:00:01; bench/nic.py): a
+ * 64-byte frame out, the echo back, guest TSC per round trip. */
+static u64 rtt[4096];
+
+static void bench(struct vq *rx, struct vq *tx, const u8 *mac, u32 n)
+{
+    if (n > 4096) n = 4096;
+    u32 id, len;
+    for (u32 k = 0; k < n; k++) {
+        memset(txbuf, 0, HDR + 64);
+        u8 *eth = txbuf + HDR;
+        eth[0] = 0x02; eth[5] = 0x01;
+        memcpy(eth + 6, mac, 6);
+        eth[12] = 0x88; eth[13] = 0xb5;
+        snprintf((char *)eth + 14, 32, "pyvmm-ping %u", k);
+        struct vbuf b = { txbuf, HDR + 64, 0 };
+        u64 t0 = rdtsc();
+        vq_submit(tx, &b, 1);
+        if (next_used(tx, &id, &len)) fail("tx did not complete");
+        if (next_used(rx, &id, &len)) fail("no echo for ping %u", k);
+        rtt[k] = rdtsc() - t0;
+        post_rx(rx, (u16)id);
+        virtio_kick(rx);
+    }
+    for (u32 gap = n / 2; gap; gap /= 2)   /* shell sort for the percentiles */
+        for (u32 i = gap; i < n; i++)
+            for (u32 j = i; j >= gap && rtt[j - gap] > rtt[j]; j -= gap) {
+                u64 t = rtt[j]; rtt[j] = rtt[j - gap]; rtt[j - gap] = t;
+            }
+    printf("virtio-net-bench rtts=%u p50_cycles=%lu p99_cycles=%lu\n", n, rtt[n / 2],
+           rtt[n * 99 / 100]);
+}
+
 int main(void)
 {
     uart_init();
@@ -58,6 +92,10 @@ int main(void)
     printf("virtio-net mac=%02x:%02x:%02x:%02x:%02x:%02x features=%lx\n", mac[0], mac[1],
            mac[2], mac[3], mac[4], mac[5], v.features);
     virtio_kick(&rx);
+    if (arg_u64("bench", 0)) {
+        bench(&rx, &tx, mac, (u32)arg_u64("bench", 0));
+        return 0;
+    }
 
     /* transmit: vnet header (all zero: no offload) + Ethernet frame */
     memset(txbuf, 0, HDR);

@@ -124,6 +124,9 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
                    "a TAP uplink on the switch")
     b.add_argument("--port-rate", help="vhost-user-net: bytes/s each guest may send into "
                    "the switch (frames over it are dropped)")
+    b.add_argument("--port", action="append", default=[], metavar="PATH",
+                   help="vhost-user-net: a Unix socket where a VMM's NIC joins the switch "
+                   "(--net model=e1000,switch=PATH); repeatable")
     b.add_argument("--device", default="virtio-blk", metavar="TYPE[,K=V,...]",
                    help="vfio-user: the PCI function to export: pci-testdev, or a device "
                    "of the registry (" + ", ".join(s.name for s in registry if s.exportable)
@@ -339,6 +342,7 @@ def _vhost_user_net(a: argparse.Namespace) -> int:
     with --tap): guests on different sockets reach each other through it."""
     from pyvmm.backends.tap import Tap
     from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.peer.listener import UnixListener
     from pyvmm.sharing.switch import Switch
     from pyvmm.vhost_user.backend import VhostUserServer
 
@@ -356,6 +360,10 @@ def _vhost_user_net(a: argparse.Namespace) -> int:
     switch = Switch(server.events)
     if a.tap:
         switch.uplink(Tap(a.tap))
+    for path in a.port:  # a VMM's NIC per connection, handed its port's socket
+        server.listeners.append(UnixListener(
+            path, server.events, functools.partial(switch.serve_port, name=path, rate=rate),
+            errors=server.errors))
     for i, path in enumerate(a.socket):
         port = switch.port(path, rate)  # one port per socket, kept across reconnects
         mac = bytes((0x52, 0x54, 0x00, 0x00, 0x01, i + 1))
@@ -364,6 +372,7 @@ def _vhost_user_net(a: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
     return _serve(server, f"vhost-user-net: a switch with {len(a.socket)} port(s)"
+                  + (f", {len(a.port)} VMM port socket(s)" if a.port else "")
                   + (f" and uplink {a.tap}" if a.tap else ""), a.seccomp)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.bus import IoBus, MmioBus
+from pyvmm.devices.emulated.e1000.nic import E1000
 from pyvmm.devices.emulated.ide import spec as ide_spec
 from pyvmm.devices.emulated.ide.controller import PiixIde
 from pyvmm.devices.emulated.ide.disk import AtaDisk
@@ -51,6 +52,7 @@ from pyvmm.loader import load_kernel
 from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.pci import build_pci
 from pyvmm.memory import GuestMemory
+from pyvmm.sharing.switch import SwitchPort
 from pyvmm.testing import RecordingLine, VirtioDriver
 from pyvmm.uapi.input import KEYS
 from pyvmm.vhost_user import protocol as vu
@@ -518,6 +520,73 @@ def ide(data: bytes) -> None:
         be.close()
 
 
+class _Watch:
+    """The two calls the e1000 makes on its event loop, recorded."""
+
+    def __init__(self) -> None:
+        self.cbs: dict[int, Callable[[int, int], None]] = {}
+
+    def add(self, fd: int, callback: Callable[[int, int], None]) -> None:
+        self.cbs[fd] = callback
+
+    def remove(self, fd: int) -> None:
+        self.cbs.pop(fd, None)
+
+
+_E1000_REGS = (0x0, 0x8, 0x10, 0x14, 0x20, 0xC0, 0xC8, 0xD0, 0xD8, 0x100, 0x400, 0x2800,
+               0x2804, 0x2808, 0x2810, 0x2818, 0x3800, 0x3804, 0x3808, 0x3810, 0x3818,
+               0x4074, 0x5200, 0x5400, 0x5404, 0x5600)
+
+
+def e1000(data: bytes) -> None:
+    """The 82540EM through BAR0 and the BAR1 window, over fuzzer-filled memory where the
+    rings may be (the ring bases are steered there), with frames from the fuzzer arriving
+    on its backend: every read must fit its access, INTx must be ICR & IMS, nothing may
+    raise."""
+    mem = fresh_ram()
+    mem.write(0x10000, data[:2048])  # descriptors the ring bases are steered to
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (a, b):
+        s.setblocking(False)
+    ev, line = _Watch(), RecordingLine()
+    try:
+        dev = E1000(mem, SwitchPort(a, "fuzz"), bytes.fromhex("525400123456"), ev)
+        dev.intx = line
+        r = Reader(data[2048:] if len(data) > 2048 else data)
+        for _ in range(256):
+            if not r.left():
+                return
+            kind, size = r.int(1) % 8, (1, 2, 4, 8)[r.int(1) % 4]
+            if kind == 0:  # a ring base at the fuzzer's descriptors
+                dev.write_bar(0, (0x2800, 0x3800)[r.int(1) & 1], 4, 0x10000 + (r.int(2) & 0x7F0))
+            elif kind == 1:  # a frame from the host end
+                with contextlib.suppress(BlockingIOError):
+                    b.send(bytes(12) + r.take(r.int(2) % 2000))
+                if a.fileno() in ev.cbs:
+                    ev.cbs[a.fileno()](a.fileno(), 1)
+            elif kind == 2:  # the I/O window
+                dev.write_bar(1, 0, 4, r.int(4))
+                if r.int(1) & 1:
+                    dev.write_bar(1, 4, 4, r.int(4))
+                elif not 0 <= dev.read_bar(1, 4, 4) < 1 << 32:
+                    raise Finding("e1000 IODATA read wider than 32 bits")
+            else:
+                off = (_E1000_REGS[r.int(1) % len(_E1000_REGS)] if kind < 6
+                       else r.int(3) % 0x20000) & ~(size - 1)
+                if r.int(1) & 1:
+                    dev.write_bar(0, off, size, r.int(size))
+                elif not 0 <= (v := dev.read_bar(0, off, size)) < 1 << (8 * size):
+                    raise Finding(f"e1000 read {v:#x} for a {size}-byte access")
+            if line.level != bool(dev.icr & dev.ims):
+                raise Finding("e1000 INTx differs from ICR & IMS")
+            with contextlib.suppress(BlockingIOError):
+                while b.recv(65536):
+                    pass
+    finally:
+        a.close()
+        b.close()
+
+
 def vhost_user_codec(data: bytes) -> None:
     try:
         req, flags, size = vu.decode_header(data[:12])
@@ -692,7 +761,7 @@ TARGETS: dict[str, Target] = {
     "virtio_mmio_regs": virtio_mmio_regs, "nvme": nvme, "vhost_user_codec": vhost_user_codec,
     "config_json": config_json, "image_loader": image_loader,
     "vhost_user_session": vhost_user_session, "vfio_user_session": vfio_user_session,
-    "vhost_user_frontend": vhost_user_frontend, "ide": ide,
+    "vhost_user_frontend": vhost_user_frontend, "ide": ide, "e1000": e1000,
 }
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -735,6 +804,25 @@ def _ide_seed() -> bytes:
     return table + ops
 
 
+def _e1000_seed() -> bytes:
+    """Eight receive descriptors and eight transmit descriptors (one frame with EOP|RS),
+    then: both ring bases, lengths and tails, RCTL.EN|BAM and TCTL.EN, and a frame in."""
+    rx = b"".join(struct.pack("<QQ", 0x20000 + 0x800 * i, 0) for i in range(8))
+    tx = struct.pack("<QII", 0x30000, 60 | 0x09000000, 0).ljust(128, b"\0")
+    descs = (rx + tx).ljust(2048, b"\0")
+
+    def wr(reg_index: int, value: int) -> bytes:  # kind 3, 4-byte write of a listed register
+        return bytes((3, 2, reg_index, 1)) + value.to_bytes(4, "little")
+
+    regs = _E1000_REGS
+    ops = bytes((0, 0, 0, 0, 0)) + bytes((0, 0, 1, 0x80, 0))  # RDBAL 0x10000, TDBAL 0x10080
+    ops += wr(regs.index(0x2808), 128) + wr(regs.index(0x3808), 128)
+    ops += wr(regs.index(0x100), 0x8002) + wr(regs.index(0x2818), 7)
+    ops += wr(regs.index(0x400), 2) + wr(regs.index(0x3818), 1)
+    ops += bytes((1, 0)) + (70).to_bytes(2, "little") + bytes.fromhex("525400123456") + bytes(64)
+    return descs + ops
+
+
 def seeds() -> dict[str, list[bytes]]:
     """A few meaningful inputs per target, so the fuzzer starts inside the protocols."""
     hdr = struct.pack("<IIQ", 1, 0, 0)  # virtio-blk OUT of sector 0
@@ -758,4 +846,5 @@ def seeds() -> dict[str, list[bytes]]:
         "vhost_user_frontend": [_frontend_seed()],
         "pci": [bytes([0, 2, 0, 1, 0, 0, 0, 0x80]) * 8],
         "ide": [_ide_seed()],
+        "e1000": [_e1000_seed()],
     }

@@ -13,17 +13,26 @@ switch cannot take the others' share. A destination whose socket is full (its gu
 posts no receive buffers) drops the frame and counts it; nobody waits for a slow
 guest.
 
+A VMM in another process joins by a Unix socket (``pyvmm backend vhost-user-net --port
+PATH``): for each connection the switch makes a port and hands the connecting process
+the device end of its socketpair by SCM_RIGHTS (``serve_port``; the VMM side is
+``connect_port``); the port lives as long as that connection, and is removed (its MACs
+forgotten) when the connection ends. So an emulated NIC in a VMM (the e1000) sits on
+the same switch as the virtio-net guests of the backend's vhost-user sockets.
+
 Ports carry no offloads: a frame from one guest must be a frame any other guest can
 take, so ``offloads = False`` makes ``VirtioNet`` offer no checksum/TSO features.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pyvmm.backends.tap import Tap
+from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
 from pyvmm.sharing.ratelimit import TokenBucket
 from pyvmm.uapi import virtio as V
@@ -31,13 +40,18 @@ from pyvmm.uapi import virtio as V
 MAX_FRAME = 65562
 
 
+PORT_GREETING = b"pyvmm-switch-port"  # the one message serve_port sends, with the fd
+
+
 class SwitchPort:
     """The device end of a port: what ``VirtioNet`` reads and writes."""
 
     offloads = False
 
-    def __init__(self, sock: socket.socket, name: str) -> None:
+    def __init__(self, sock: socket.socket, name: str,
+                 conn: socket.socket | None = None) -> None:
         self.sock, self.name = sock, name
+        self.conn = conn  # a remote port's connection to the switch: the port's lifetime
         self.fd = sock.fileno()
 
     def set_offload(self, flags: int) -> None:
@@ -57,6 +71,42 @@ class SwitchPort:
 
     def close(self) -> None:
         self.sock.close()
+        if self.conn is not None:
+            self.conn.close()
+
+
+def connect_port(path: str) -> SwitchPort:
+    """A port of the switch serving ``path`` (``pyvmm backend vhost-user-net --port``);
+    ConfigError in one line if there is none."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(5)  # the switch answers at once or not at all
+        conn.connect(path)
+    except OSError as e:
+        conn.close()
+        raise ConfigError(f"switch port {path}: {e.strerror or e}") from None
+    return receive_port(conn, path)
+
+
+def receive_port(conn: socket.socket, path: str) -> SwitchPort:
+    """The port ``serve_port`` sends over ``conn`` (which the port then owns)."""
+    try:
+        msg, fds, _, _ = socket.recv_fds(conn, 64, 1)
+    except OSError as e:
+        conn.close()
+        raise ConfigError(f"switch port {path}: {e.strerror or e}") from None
+    if msg != PORT_GREETING or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        raise ConfigError(f"switch port {path}: not a pyvmm switch port")
+    sock = socket.socket(fileno=fds[0])
+    if sock.type != socket.SOCK_DGRAM:
+        sock.close()
+        conn.close()
+        raise ConfigError(f"switch port {path}: not a pyvmm switch port")
+    sock.setblocking(False)
+    return SwitchPort(sock, path, conn)
 
 
 @dataclass
@@ -95,6 +145,46 @@ class Switch:
                   TokenBucket(rate) if rate else None, sw.close)
         self._add(p)
         return SwitchPort(dev, name)
+
+    def serve_port(self, conn: socket.socket, name: str, rate: float | None = None) -> None:
+        """A port for the process at the other end of ``conn`` (an accepted Unix stream
+        connection): the device end goes over it by SCM_RIGHTS; the port is removed when
+        ``conn`` closes."""
+        dev = self.port(name, rate)
+        p = self.ports[-1]
+        try:
+            socket.send_fds(conn, [PORT_GREETING], [dev.fd])
+        except OSError:
+            self._remove(p)
+            conn.close()
+            return
+        finally:
+            dev.close()  # the other process holds its copy
+        conn.setblocking(False)
+        fd = conn.fileno()
+
+        def readable(_fd: int, _ev: int) -> None:
+            try:
+                data = conn.recv(64)  # the peer sends nothing: this is its end
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.events.remove(fd)
+                conn.close()
+                self._remove(p)
+
+        self.events.add(fd, readable)
+
+    def _remove(self, p: _Port) -> None:
+        if p not in self.ports:
+            return
+        self.ports.remove(p)
+        self.events.remove(p.fd)
+        if p.close is not None:
+            p.close()
+        self.macs = {mac: q for mac, q in self.macs.items() if q is not p}
 
     def uplink(self, tap: Tap) -> None:
         """Connect a TAP (frames with the same vnet header) as one more port."""

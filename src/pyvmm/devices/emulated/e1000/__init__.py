@@ -1,0 +1,1 @@
+"""Intel 82540EM (e1000) Gigabit Ethernet: see nic.py."""
