@@ -154,6 +154,11 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
     c.add_argument("--doc", action="store_true", help="print docs/config.md")
     c.add_argument("--openapi", action="store_true",
                    help="print the control API's OpenAPI document (docs/openapi.json)")
+    from pyvmm.compare.command import add_arguments as compare_arguments
+
+    cmp = sub.add_parser("compare", help="every device class in every mode: exits, "
+                         "interrupts, latency, CPU per operation (docs/comparison.md)")
+    compare_arguments(cmp)
     from pyvmm.api import COMMANDS  # a dict only: no HTTP client at start-up
 
     rm = sub.add_parser("remote", help="control a running VM through its --api-socket "
@@ -504,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
             return _config_ref(args)
         if args.command == "backend":
             return _backend(args)
+        if args.command == "compare":
+            from pyvmm.compare.command import run as compare
+
+            return compare(args)
         if args.command == "remote":
             from pyvmm.api.client import run
 

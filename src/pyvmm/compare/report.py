@@ -1,0 +1,142 @@
+"""Formatting a comparison result: a rich table, Markdown, JSON and a matplotlib plot.
+
+A result is a dict: ``{"version": 1, "params": {...}, "rows": [row, ...]}``, each row
+``{"name", "class", "vmm", "mode", "device", "transport", "status", "reason",
+"ops", "metrics": {METRICS...}}`` with status "ok", "skipped" or "failed". rich and
+matplotlib are imported only here, by the functions that draw.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (  # (metric key, header, format)
+    ("exits_per_op", "exits/op", "{:.2f}"),
+    ("interrupts_per_op", "irqs/op", "{:.2f}"),
+    ("wakeups_per_op", "wakeups/op", "{:.2f}"),
+    ("p50_us", "p50 µs", "{:.1f}"),
+    ("p99_us", "p99 µs", "{:.1f}"),
+    ("throughput_ops_s", "ops/s", "{:.0f}"),
+    ("vmm_cpu_us_per_op", "VMM CPU µs/op", "{:.1f}"),
+    ("backend_cpu_us_per_op", "backend CPU µs/op", "{:.1f}"),
+)
+SHORT = {"full emulation": "full", "paravirtual": "para",
+         "paravirtual, out of process": "para, out of proc", "assigned": "assigned"}
+WORKLOAD = {"disk": "4 KiB random reads, QD1 (warm page cache)",
+            "nic": "64-byte ping-pong through a TAP with a host echo",
+            "console": "(no timed workload)"}
+
+
+def cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _ok(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in result["rows"] if r["status"] == "ok"]
+
+
+def header_lines(result: dict[str, Any]) -> list[str]:
+    p = result["params"]
+    return [f"{p['rounds']} round(s), medians; ops per run: disk {p['n']}, IDE PIO "
+            f"{p['n_pio']}, NIC {p['n_nic']}; every per-op number is (run of N - run of "
+            f"{p['few']}) / (N - {p['few']}) ({p['few_pio']} for IDE PIO)",
+            f"TSC {p['tsc_mhz']:.0f} MHz; host {p['host']}; {p['date']}"]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"_{x}_" for x in header_lines(result)] + [""]
+    heads = " | ".join(h for _, h, _ in COLUMNS)
+    for cls in result["params"]["classes"]:
+        rows = [r for r in result["rows"] if r["class"] == cls]
+        if not rows:
+            continue
+        lines += [f"### {cls}: {WORKLOAD.get(cls, '')}", "",
+                  f"| row | VMM | mode | device | transport | {heads} |",
+                  "|" + "---|" * (5 + len(COLUMNS))]
+        for r in rows:
+            lead = f"| {r['name']} | {r['vmm']} | {r['mode']} | {r['device']} | {r['transport']} |"
+            if r["status"] == "ok":
+                m = r["metrics"]
+                lines.append(lead + "".join(f" {cell(m.get(k), f)} |" for k, _, f in COLUMNS))
+            else:
+                lines.append(lead + f" {r['status']}: {r['reason']} |"
+                             + " |" * (len(COLUMNS) - 1))
+        lines.append("")
+    lines.append("– : not counted for this mode (see docs/comparison.md, \"What is counted\").")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=2, sort_keys=False) + "\n"
+
+
+def print_table(result: dict[str, Any], file: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file, width=None if file is None else 200)
+    for line in header_lines(result):
+        console.print(line, style="dim", markup=False, highlight=False)
+    for cls in result["params"]["classes"]:
+        rows = [r for r in result["rows"] if r["class"] == cls]
+        if not rows:
+            continue
+        t = Table(title=f"{cls}: {WORKLOAD.get(cls, '')}", title_justify="left")
+        t.add_column("row", no_wrap=True)
+        t.add_column("mode")
+        for _, h, _ in COLUMNS:
+            t.add_column(h, justify="right")
+        notes = []
+        for r in rows:
+            name = r["name"] if r["vmm"] == "pyvmm" else f"{r['name']} (QEMU)"
+            if r["status"] == "ok":
+                t.add_row(name, SHORT.get(r["mode"], r["mode"]), *(
+                    cell(r["metrics"].get(k), f) for k, _, f in COLUMNS))
+            else:
+                notes.append(f"  {name}: {r['status']}: {r['reason']}")
+        if t.row_count:
+            console.print(t)
+        else:
+            console.print(t.title, markup=False, highlight=False)
+        for n in notes:
+            console.print(n, style="yellow", markup=False, highlight=False)
+
+
+def plot(result: dict[str, Any], paths: list[Path]) -> None:
+    """Three panels per run: p50 latency, exits per operation and VMM (+ backend) CPU
+    per operation, one bar per measured row, written to each of ``paths``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _ok(result)
+    labels = [r["name"] for r in rows]
+    colour = {"full emulation": "#c66", "paravirtual": "#69c",
+              "paravirtual, out of process": "#6a6", "assigned": "#a6c"}
+    colours = [colour.get(r["mode"], "#999") for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = (("p50_us", "p50 latency, µs", "log"),
+              ("exits_per_op", "userspace exits per operation", "symlog"),
+              ("vmm_cpu_us_per_op", "VMM + backend CPU, µs per operation", "log"))
+    for ax, (key, title, scale) in zip(axes, panels, strict=True):
+        vals = []
+        for r in rows:
+            m = r["metrics"]
+            v = m.get(key)
+            if key == "vmm_cpu_us_per_op" and v is not None:
+                v += m.get("backend_cpu_us_per_op") or 0.0
+            vals.append(max(v, 1e-3) if v is not None and scale == "log" else (v or 0.0))
+        ax.bar(range(len(rows)), vals, color=colours)
+        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yscale(scale)
+        ax.set_title(title, fontsize=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colour.values()]
+    fig.legend(handles, list(colour), loc="upper right", fontsize=8, ncol=4)
+    fig.suptitle("pyvmm compare: the same workload per device class, by mode", x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    for p in paths:
+        fig.savefig(p, dpi=100)
+    plt.close(fig)
