@@ -30,7 +30,7 @@ WORKLOAD = {"disk": "4 KiB random reads, QD1 (warm page cache)",
 
 
 def cell(value: float | None, fmt: str) -> str:
-    return "–" if value is None else fmt.format(value)
+    return "n/c" if value is None else fmt.format(value)
 
 
 def _ok(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,7 +64,7 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(lead + f" {r['status']}: {r['reason']} |"
                              + " |" * (len(COLUMNS) - 1))
         lines.append("")
-    lines.append("– : not counted for this mode (see docs/comparison.md, \"What is counted\").")
+    lines.append("n/c: not counted for this mode (see docs/comparison.md, \"What is counted\").")
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +133,9 @@ def plot(result: dict[str, Any], paths: list[Path]) -> None:
         ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
         ax.set_yscale(scale)
         ax.set_title(title, fontsize=10)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colour.values()]
+    from matplotlib.patches import Rectangle
+
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colour.values()]
     fig.legend(handles, list(colour), loc="upper right", fontsize=8, ncol=4)
     fig.suptitle("pyvmm compare: the same workload per device class, by mode", x=0.3)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
