@@ -9,6 +9,7 @@ matplotlib are imported only here, by the functions that draw.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ COLUMNS = (  # (metric key, header, format)
 )
 SHORT = {"full emulation": "full", "paravirtual": "para",
          "paravirtual, out of process": "para, out of proc", "assigned": "assigned"}
+# The terminal's narrower headers (the Markdown's say the units in full).
+TERM_HEAD = {"exits_per_op": "exits", "interrupts_per_op": "irqs", "wakeups_per_op": "wakeups",
+             "p50_us": "p50 µs", "p99_us": "p99 µs", "throughput_ops_s": "ops/s",
+             "vmm_cpu_us_per_op": "VMM µs", "backend_cpu_us_per_op": "backend µs"}
 WORKLOAD = {"disk": "4 KiB random reads, QD1 (warm page cache)",
             "nic": "64-byte ping-pong through a TAP with a host echo",
             "console": "(no timed workload)"}
@@ -76,9 +81,13 @@ def print_table(result: dict[str, Any], file: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=file, width=None if file is None else 200)
+    # A terminal's own width; piped or written to a file, wide enough for every column.
+    console = Console(file=file, width=None if file is None and sys.stdout.isatty() else 170)
     for line in header_lines(result):
         console.print(line, style="dim", markup=False, highlight=False)
+    console.print("per operation: exits, interrupts, event-loop wakeups, VMM and backend "
+                  "CPU µs; n/c: not counted for this mode", style="dim", markup=False,
+                  highlight=False)
     for cls in result["params"]["classes"]:
         rows = [r for r in result["rows"] if r["class"] == cls]
         if not rows:
@@ -86,11 +95,11 @@ def print_table(result: dict[str, Any], file: Any = None) -> None:
         t = Table(title=f"{cls}: {WORKLOAD.get(cls, '')}", title_justify="left")
         t.add_column("row", no_wrap=True)
         t.add_column("mode")
-        for _, h, _ in COLUMNS:
-            t.add_column(h, justify="right")
+        for k, _, _ in COLUMNS:
+            t.add_column(TERM_HEAD[k], justify="right", no_wrap=True)
         notes = []
         for r in rows:
-            name = r["name"] if r["vmm"] == "pyvmm" else f"{r['name']} (QEMU)"
+            name = r["name"]
             if r["status"] == "ok":
                 t.add_row(name, SHORT.get(r["mode"], r["mode"]), *(
                     cell(r["metrics"].get(k), f) for k, _, f in COLUMNS))
