@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guests", metavar="DIR", default="guests/out",
                    help="where the tiny guests are built (default guests/out)")
     p.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
+    p.add_argument("--ops", type=int, metavar="N", help="operations per run for disks and "
+                   "NICs (default 3000 / 2000, --quick 1500 / 500; the guests take at most "
+                   "4096)")
+    p.add_argument("--ops-pio", type=int, metavar="N",
+                   help="operations per IDE PIO run (default 60, --quick 8)")
 
 
 def _out_path(opt: str, text: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
@@ -84,7 +89,14 @@ def run(a: argparse.Namespace) -> int:
         raise ConfigError("--plot needs matplotlib (pip install matplotlib)")
     guests = Path(a.guests)
     base = measure.QUICK if a.quick else measure.FULL
-    sizes = measure.Sizes(**{**base.__dict__, "rounds": a.rounds or base.rounds})
+    for opt, v, least in (("ops", a.ops, base.few + 1), ("ops-pio", a.ops_pio,
+                                                         base.few_pio + 1)):
+        if v is not None and not least <= v <= 4096:
+            raise ConfigError(f"--{opt} {v}: must be from {least} (more than the few "
+                              "subtracted) to 4096 (the guests' limit)")
+    sizes = measure.Sizes(**{**base.__dict__, "rounds": a.rounds or base.rounds,
+                             "n": a.ops or base.n, "n_nic": a.ops or base.n_nic,
+                             "n_pio": a.ops_pio or base.n_pio})
     classes = [c for c in CLASSES if c in a.classes.split(",")]
     result: dict[str, Any] = {"version": 1, "rows": [], "params": {
         "quick": a.quick, "classes": classes, "n": sizes.n, "n_pio": sizes.n_pio,
