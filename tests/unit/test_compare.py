@@ -77,6 +77,14 @@ def test_markdown_has_one_row_per_result_with_its_numbers_and_reasons() -> None:
     assert "1500" in text and "2246 MHz" in text
 
 
+def test_markdown_page_names_its_command_and_its_columns() -> None:
+    rec = copy.deepcopy(RECORDED)
+    rec["params"]["command"] = "pyvmm compare --quick --class disk"
+    page = report.markdown_page(rec)
+    assert "pyvmm compare --quick --class disk" in page
+    assert report.markdown(rec) in page and "## What is counted" in page
+
+
 def test_json_round_trips_the_result() -> None:
     assert json.loads(report.to_json(RECORDED)) == RECORDED
 

@@ -103,6 +103,8 @@ def run(a: argparse.Namespace) -> int:
         "n_nic": sizes.n_nic, "few": sizes.few, "few_pio": sizes.few_pio,
         "rounds": sizes.rounds, "tsc_mhz": 0.0, "host": f"{platform.machine()} "
         f"{os.cpu_count()} CPUs, Linux {platform.release()}",
+        "command": " ".join(["pyvmm", "compare", *sys.argv[sys.argv.index("compare") + 1:]]
+                            if "compare" in sys.argv else ["pyvmm", "compare"]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}}
     skip = {r.name: measure.unavailable(r, guests) for r in rows}
     todo = [r for r in rows if skip[r.name] is None]
@@ -158,7 +160,7 @@ def run(a: argparse.Namespace) -> int:
     if json_path:
         json_path.write_text(report.to_json(result))
     if md_path:
-        md_path.write_text(report.markdown(result))
+        md_path.write_text(report.markdown_page(result))
     if plots:
         report.plot(result, plots)
     return 0

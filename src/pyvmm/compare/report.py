@@ -73,6 +73,62 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PAGE_HEAD = """# pyvmm compare: one device class, every mode
+
+Generated — every number below was measured in the run that wrote this page, by
+
+```
+{command}
+```
+
+(from the repository root, after `make -C guests`; as root, for the NIC rows' TAP).
+Each device class runs the same tiny guest workload in every mode pyvmm has for it:
+full emulation (the guest's driver programs emulated registers: every access a
+trapped exit), paravirtual (virtio: requests in shared rings, notifications by
+ioeventfd so no userspace exit), paravirtual out of process (vhost-user: the rings
+served by `pyvmm backend`, kicks and interrupts by eventfds between it and KVM) and
+assigned (vfio-user: the NVMe controller in `pyvmm backend vfio-user`, its BARs
+forwarded, guest RAM mapped by the server, MSI-X by irqfd).
+
+![comparison](img/comparison.png)
+
+"""
+
+PAGE_TAIL = """
+## What is counted
+
+- **exits/op**: userspace exits (`--exits-json` "exits", all kinds) of a run of N
+  operations minus those of a run of a few, over the difference: boot, the guests' own
+  checks and printing fall out.
+- **irqs/op**: interrupts per operation — the NVMe guest counts its completion
+  interrupts itself (MSI-X, also under QEMU); for virtio the VMM's count of interrupts
+  it sent (0: the tiny virtio guests poll their used rings with interrupts suppressed,
+  issue 14 item 7); n/c where neither counts.
+- **wakeups/op**: the VMM's event-loop wakeups for the device — ioeventfd
+  notifications it read (virtio), kicks/interrupts it had to forward (vhost-user,
+  vfio-user; 0 when the fast path wires the eventfds straight to KVM). n/c for
+  emulated devices, whose work happens in the vCPU thread's exits.
+- **p50/p99 µs**: the guest's own TSC timing of each operation (run of N).
+- **ops/s**: the guest's IOPS (blkload) or N - few over the difference of the two runs'
+  wall times (`--exits-json` "wall_time_s").
+- **VMM CPU µs/op**: the VM's vCPU and other threads (`--exits-json`
+  "vcpu_thread_cpu_s" + "off_vcpu_cpu_s"), differenced as above. The vCPU thread's time
+  includes the guest's own (it runs natively at CPL3 on this KVM-PVM host, polling).
+- **backend CPU µs/op**: the `pyvmm backend` process's CPU while the VM ran
+  (/proc/PID/stat, 10 ms ticks), differenced as above.
+- QEMU rows (`--with-qemu`): the same guest binaries on QEMU's devices (`-accel kvm`);
+  latency, and throughput where the guest prints it; QEMU's exits are not visible
+  from outside and its CPU difference drowns in its boot.
+- Rows that cannot run on the machine say why instead of numbers.
+"""
+
+
+def markdown_page(result: dict[str, Any]) -> str:
+    """docs/comparison.md: what the rows are, the tables, what each column counts."""
+    cmd = result["params"].get("command", "pyvmm compare")
+    return PAGE_HEAD.format(command=cmd) + markdown(result) + PAGE_TAIL
+
+
 def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result, indent=2, sort_keys=False) + "\n"
 
