@@ -107,6 +107,17 @@ def test_plot_writes_png_and_svg(tmp_path: Path) -> None:
     assert b"<svg" in svg.read_bytes()[:2000]
 
 
+def test_from_json_writes_the_outputs_of_a_recorded_result(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src, md, js = tmp_path / "in.json", tmp_path / "out.md", tmp_path / "out.json"
+    src.write_text(report.to_json(RECORDED))
+    assert main(["compare", "--from-json", str(src), "--markdown", str(md),
+                 "--json", str(js)]) == 0
+    assert json.loads(js.read_text()) == RECORDED
+    assert report.markdown(RECORDED) in md.read_text()
+    assert "virtio-blk-pci" in capsys.readouterr().out
+
+
 def test_counters_read_from_an_exits_json() -> None:
     js = {"exits": {"io": 150, "mmio": 60},
           "result": {"wall_time_s": 1.5, "vcpu_thread_cpu_s": 0.25, "off_vcpu_cpu_s": 0.5},
@@ -155,6 +166,8 @@ def test_rows_cover_every_class_and_have_unique_names() -> None:
     (["--plot", "{tmp}/r.pdf"], "must end in .png or .svg"),
     (["--json", "{tmp}/r.txt"], "must end in .json"),
     (["--rounds", "0"], "--rounds 0: must be at least 1"),
+    (["--ops", "5000"], "--ops 5000: must be from"),
+    (["--from-json", "{tmp}/absent.json"], "--from-json"),
 ])
 def test_bad_options_are_one_line_and_write_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import platform
 import sys
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write a plot (.png or .svg; repeatable)")
     p.add_argument("--guests", metavar="DIR", default="guests/out",
                    help="where the tiny guests are built (default guests/out)")
+    p.add_argument("--from-json", metavar="PATH", help="measure nothing: print and write "
+                   "the outputs of a result an earlier --json wrote")
     p.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
     p.add_argument("--ops", type=int, metavar="N", help="operations per run for disks and "
                    "NICs (default 3000 / 2000, --quick 1500 / 500; the guests take at most "
@@ -76,7 +79,7 @@ def select(a: argparse.Namespace) -> list[Row]:
 
 
 def run(a: argparse.Namespace) -> int:
-    from pyvmm.compare import measure, report
+    from pyvmm.compare import measure
 
     rows = select(a)
     if a.rounds is not None and a.rounds < 1:
@@ -87,6 +90,14 @@ def run(a: argparse.Namespace) -> int:
              if p is not None]
     if plots and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot needs matplotlib (pip install matplotlib)")
+    if a.from_json:
+        try:
+            recorded = json.loads(Path(a.from_json).read_text())
+            if not isinstance(recorded, dict) or recorded.get("version") != 1:
+                raise ValueError("not a pyvmm compare result (version 1)")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--from-json {a.from_json}: {e}") from None
+        return _write(recorded, json_path, md_path, plots)
     guests = Path(a.guests)
     base = measure.QUICK if a.quick else measure.FULL
     for opt, v, least in (("ops", a.ops, base.few + 1), ("ops-pio", a.ops_pio,
@@ -156,6 +167,13 @@ def run(a: argparse.Namespace) -> int:
             entry.update(status="ok", reason="",
                          metrics=measure.median_metrics(per_row[r.name]))
         result["rows"].append(entry)
+    return _write(result, json_path, md_path, plots)
+
+
+def _write(result: dict[str, Any], json_path: Path | None, md_path: Path | None,
+           plots: list[Path]) -> int:
+    from pyvmm.compare import report
+
     report.print_table(result)
     if json_path:
         json_path.write_text(report.to_json(result))

@@ -106,8 +106,9 @@ PAGE_TAIL = """
   issue 14 item 7); n/c where neither counts.
 - **wakeups/op**: the VMM's event-loop wakeups for the device — ioeventfd
   notifications it read (virtio), kicks/interrupts it had to forward (vhost-user,
-  vfio-user; 0 when the fast path wires the eventfds straight to KVM). n/c for
-  emulated devices, whose work happens in the vCPU thread's exits.
+  vfio-user; 0 when the fast path wires the eventfds straight to KVM). Below 1, one
+  wakeup served several requests (an eventfd read takes every kick written since the
+  last). n/c for emulated devices, whose work happens in the vCPU thread's exits.
 - **p50/p99 µs**: the guest's own TSC timing of each operation (run of N).
 - **ops/s**: the guest's IOPS (blkload) or N - few over the difference of the two runs'
   wall times (`--exits-json` "wall_time_s").
@@ -177,25 +178,28 @@ def plot(result: dict[str, Any], paths: list[Path]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _ok(result)
-    labels = [r["name"] for r in rows]
     colour = {"full emulation": "#c66", "paravirtual": "#69c",
               "paravirtual, out of process": "#6a6", "assigned": "#a6c"}
-    colours = [colour.get(r["mode"], "#999") for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    panels = (("p50_us", "p50 latency, µs", "log"),
-              ("exits_per_op", "userspace exits per operation", "symlog"),
-              ("vmm_cpu_us_per_op", "VMM + backend CPU, µs per operation", "log"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
+    panels = (("p50_us", "p50 latency, µs (hatched: QEMU)", "log"),
+              ("exits_per_op", "pyvmm: userspace exits per operation", "symlog"),
+              ("vmm_cpu_us_per_op", "pyvmm: VMM + backend CPU, µs per operation", "log"))
     for ax, (key, title, scale) in zip(axes, panels, strict=True):
+        # Only rows that counted this metric: a bar of 0 for "not counted" would lie.
+        rows = [r for r in _ok(result) if r["metrics"].get(key) is not None]
         vals = []
         for r in rows:
-            m = r["metrics"]
-            v = m.get(key)
-            if key == "vmm_cpu_us_per_op" and v is not None:
-                v += m.get("backend_cpu_us_per_op") or 0.0
-            vals.append(max(v, 1e-3) if v is not None and scale == "log" else (v or 0.0))
-        ax.bar(range(len(rows)), vals, color=colours)
-        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
+            v = float(r["metrics"][key])
+            if key == "vmm_cpu_us_per_op":
+                v += r["metrics"].get("backend_cpu_us_per_op") or 0.0
+            vals.append(max(v, 1e-3) if scale == "log" else v)
+        bars = ax.bar(range(len(rows)), vals,
+                      color=[colour.get(r["mode"], "#999") for r in rows])
+        for bar, r in zip(bars, rows, strict=True):
+            if r["vmm"] != "pyvmm":
+                bar.set_hatch("//")
+        ax.set_xticks(range(len(rows)), [f"{r['class']}: {r['name']}" for r in rows],
+                      rotation=60, ha="right", fontsize=8)
         ax.set_yscale(scale)
         ax.set_title(title, fontsize=10)
     from matplotlib.patches import Rectangle
