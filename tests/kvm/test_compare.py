@@ -39,9 +39,10 @@ def test_compare_quick_disk_two_rows(guests: Path, tmp_path: Path) -> None:
     # ioeventfd: the whole run of N requests minus the run of a few has (almost) no
     # userspace exits; a request that exited would give >= 1 here.
     assert blk["exits_per_op"] < 0.1
-    # but the event loop was woken by those notifications (an eventfd read takes one
-    # kick or several: more than none, at most one per request)
-    assert 0 < blk["wakeups_per_op"] <= most
+    # Event-loop wakeups: at most one per request (an eventfd read takes one kick or
+    # all written since the last; while the device drains the ring it can find the
+    # next request without one, so any number down to ~0 is allowed).
+    assert blk["wakeups_per_op"] <= most
     assert blk["interrupts_per_op"] == 0  # blkload polls, interrupts suppressed
     # NVMe: an SQ tail and a CQ head doorbell write per request, each a trapped MMIO
     # write (the margin below 2 is the serial line's few bytes, which differ in length

@@ -107,8 +107,10 @@ PAGE_TAIL = """
 - **wakeups/op**: the VMM's event-loop wakeups for the device — ioeventfd
   notifications it read (virtio), kicks/interrupts it had to forward (vhost-user,
   vfio-user; 0 when the fast path wires the eventfds straight to KVM). Below 1, one
-  wakeup served several requests (an eventfd read takes every kick written since the
-  last). n/c for emulated devices, whose work happens in the vCPU thread's exits.
+  wakeup served several requests: an eventfd read takes every kick written since the
+  last, and a device still draining its ring finds the guest's next request (the
+  guest submits as soon as it sees the completion) — it varies from run to run, and
+  latency with it. n/c for emulated devices, whose work happens in the vCPU thread's exits.
 - **p50/p99 µs**: the guest's own TSC timing of each operation (run of N).
 - **ops/s**: the guest's IOPS (blkload) or N - few over the difference of the two runs'
   wall times (`--exits-json` "wall_time_s").
