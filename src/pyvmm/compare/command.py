@@ -37,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-json", metavar="PATH", help="measure nothing: print and write "
                    "the outputs of a result an earlier --json wrote")
     p.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
-    p.add_argument("--ops", type=int, metavar="N", help="operations per run for disks and "
-                   "NICs (default 3000 / 2000, --quick 1500 / 500; the guests take at most "
-                   "4096)")
+    p.add_argument("--ops", type=int, metavar="N", help="operations per run for disks, NICs "
+                   "and consoles (default 3000 / 2000 / 1000, --quick 1500 / 500 / 200; "
+                   "the guests take at most 4096)")
     p.add_argument("--ops-pio", type=int, metavar="N",
                    help="operations per IDE PIO run (default 60, --quick 8)")
 
@@ -107,11 +107,13 @@ def run(a: argparse.Namespace) -> int:
                               "subtracted) to 4096 (the guests' limit)")
     sizes = measure.Sizes(**{**base.__dict__, "rounds": a.rounds or base.rounds,
                              "n": a.ops or base.n, "n_nic": a.ops or base.n_nic,
+                             "n_console": a.ops or base.n_console,
                              "n_pio": a.ops_pio or base.n_pio})
     classes = [c for c in CLASSES if c in a.classes.split(",")]
     result: dict[str, Any] = {"version": 1, "rows": [], "params": {
         "quick": a.quick, "classes": classes, "n": sizes.n, "n_pio": sizes.n_pio,
-        "n_nic": sizes.n_nic, "few": sizes.few, "few_pio": sizes.few_pio,
+        "n_nic": sizes.n_nic, "n_console": sizes.n_console, "few": sizes.few,
+        "few_pio": sizes.few_pio,
         "rounds": sizes.rounds, "tsc_mhz": 0.0, "host": f"{platform.machine()} "
         f"{os.cpu_count()} CPUs, Linux {platform.release()}",
         "command": " ".join(["pyvmm", "compare", *sys.argv[sys.argv.index("compare") + 1:]]

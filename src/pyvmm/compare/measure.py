@@ -33,7 +33,8 @@ from pyvmm.compare.rows import Row
 
 BLK = re.compile(r"iops=(\d+) mbps=(\d+) p50_us=(\d+) p99_us=(\d+)")
 CYCLES = re.compile(r"(?:nvme-bench reads|ide-bench mode=\w+ reads|e1000-bench rtts|"
-                    r"virtio-net-bench rtts)=(\d+) p50_cycles=(\d+) p99_cycles=(\d+)")
+                    r"virtio-net-bench rtts|console-bench dev=\w+ lines)=(\d+) "
+                    r"p50_cycles=(\d+) p99_cycles=(\d+)")
 NVME_IRQS = re.compile(r"irqs admin=\d+ io=(\d+)")
 MAC = "52:54:00:aa:bb:01"
 ECHO = bytes.fromhex("020000000001")  # the tiny NIC guests' ping destination
@@ -49,17 +50,21 @@ class Sizes:
     few: int
     few_pio: int
     rounds: int
+    n_console: int
 
     def of(self, row: Row) -> tuple[int, int]:
         if row.workload == "ide-pio":
             return self.n_pio, self.few_pio
         if row.workload == "nic":
             return self.n_nic, self.few
+        if row.workload == "console":
+            return self.n_console, self.few
         return self.n, self.few
 
 
-QUICK = Sizes(n=1500, n_pio=8, n_nic=500, few=20, few_pio=2, rounds=1)
-FULL = Sizes(n=3000, n_pio=60, n_nic=2000, few=20, few_pio=4, rounds=3)
+# A UART line is 128 port exits (~10 ms here): the console runs are shorter.
+QUICK = Sizes(n=1500, n_pio=8, n_nic=500, few=20, few_pio=2, rounds=1, n_console=200)
+FULL = Sizes(n=3000, n_pio=60, n_nic=2000, few=20, few_pio=4, rounds=3, n_console=1000)
 
 
 class RowFailed(Exception):
@@ -267,6 +272,8 @@ def run_once(row: Row, env: Env, n: int) -> dict[str, Any]:
         cmd += ["--device", row.device_arg.format(img=env.img, sock=sock)]
     if row.workload == "nic":
         cmd += ["--net", f"tap={env.tap}{row.net},mac={MAC}"]
+    if row.console:
+        cmd += ["--console", row.console.format(work=env.work)]
     if row.backend:
         with _backend(row.backend, sock, env.img) as bcpu:
             out, _ = _run(cmd, env.timeout)
@@ -276,6 +283,8 @@ def run_once(row: Row, env: Env, n: int) -> dict[str, Any]:
         backend_cpu = None
     rec: dict[str, Any] = {"out": out, "backend_cpu": backend_cpu}
     rec.update(_counters(json.loads(js.read_text())))
+    if not row.count_virtio:  # the machine's virtio devices are not this row's device
+        rec["wakeups"] = rec["interrupts"] = None
     return rec
 
 

@@ -31,7 +31,7 @@ TERM_HEAD = {"exits_per_op": "exits", "interrupts_per_op": "irqs", "wakeups_per_
              "vmm_cpu_us_per_op": "VMM µs", "backend_cpu_us_per_op": "backend µs"}
 WORKLOAD = {"disk": "4 KiB random reads, QD1 (warm page cache)",
             "nic": "64-byte ping-pong through a TAP with a host echo",
-            "console": "(no timed workload)"}
+            "console": "64-byte lines out, each timed until sent"}
 
 
 def cell(value: float | None, fmt: str) -> str:
@@ -45,7 +45,8 @@ def _ok(result: dict[str, Any]) -> list[dict[str, Any]]:
 def header_lines(result: dict[str, Any]) -> list[str]:
     p = result["params"]
     return [f"{p['rounds']} round(s), medians; ops per run: disk {p['n']}, IDE PIO "
-            f"{p['n_pio']}, NIC {p['n_nic']}; every per-op number is (run of N - run of "
+            f"{p['n_pio']}, NIC {p['n_nic']}, console {p.get('n_console', '-')}; every "
+            f"per-op number is (run of N - run of "
             f"{p['few']}) / (N - {p['few']}) ({p['few_pio']} for IDE PIO)",
             f"TSC {p['tsc_mhz']:.0f} MHz; host {p['host']}; {p['date']}"]
 

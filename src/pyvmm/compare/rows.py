@@ -2,7 +2,8 @@
 
 A row names the tiny guest (guests/src), its benchmark arguments and the pyvmm (or
 QEMU) options that give it its device. Rows of one class run the same workload: disks
-4 KiB random reads at QD1, NICs a 64-byte ping-pong through a TAP with a host echo.
+4 KiB random reads at QD1, NICs a 64-byte ping-pong through a TAP with a host echo,
+consoles 64-byte lines out.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ class Row:
     device: str         # what the guest drives
     transport: str      # how it reaches it
     guest: str          # guests/out/<guest>
-    workload: str       # "blkload", "nvme", "ide-dma", "ide-pio", "nic"
+    workload: str       # "blkload", "nvme", "ide-dma", "ide-pio", "nic", "console"
     disk: str = ""      # pyvmm --disk text ({img}, {sock}) or "" for none
     device_arg: str = ""  # pyvmm --device text
     backend: str = ""   # "vhost-user-blk" or "vfio-nvme": a pyvmm backend to start
     net: str = ""       # pyvmm --net suffix after tap=
+    count_virtio: bool = True  # the virtio counters are this row's (not a bystander's)
+    console: str = ""   # pyvmm --console text ({work}: the run's scratch directory)
     cmdline: str = ""   # extra guest arguments
     qemu_dev: tuple[str, ...] = ()  # QEMU's device arguments ({img}, {tap})
     machine: str = "q35"  # QEMU's machine type
@@ -59,13 +62,13 @@ ROWS: tuple[Row, ...] = (
         "e1000.elf", "nic", net=",model=e1000"),
     Row("virtio-net", "nic", "pyvmm", PARA, "virtio-net", "virtio-pci (ioeventfd), TAP",
         "virtio_net.elf", "nic"),
-    Row("uart", "console", "pyvmm", FULL, "16550A UART", "ports", "echo.elf", "console",
-        reason="no timed console workload in the tiny guests (echo.c and "
-        "virtio_console.c print no latency line)"),
-    Row("virtio-console", "console", "pyvmm", PARA, "virtio-console", "virtio-pci",
-        "virtio_console.elf", "console",
-        reason="no timed console workload in the tiny guests (echo.c and "
-        "virtio_console.c print no latency line)"),
+    # The same guest and machine (a virtio-console present) for both console rows.
+    Row("uart", "console", "pyvmm", FULL, "16550A UART", "ports (THR writes, LSR polls)",
+        "virtio_console.elf", "console", console="file:{work}/console.out",
+        cmdline="bench_dev=0", count_virtio=False),
+    Row("virtio-console", "console", "pyvmm", PARA, "virtio-console",
+        "virtio-pci (ioeventfd)", "virtio_console.elf", "console",
+        console="file:{work}/console.out", cmdline="bench_dev=1"),
     # QEMU's rows (--with-qemu): the same guest binaries on QEMU's devices.
     Row("qemu-virtio-blk-pci", "disk", "QEMU", PARA, "virtio-blk", "virtio-pci",
         "blkload.elf", "blkload",
