@@ -103,8 +103,9 @@ PAGE_TAIL = """
   checks and printing fall out.
 - **irqs/op**: interrupts per operation — the NVMe guest counts its completion
   interrupts itself (MSI-X, also under QEMU); for virtio the VMM's count of interrupts
-  it sent (0: the tiny virtio guests poll their used rings with interrupts suppressed,
-  issue 14 item 7); n/c where neither counts.
+  it sent: 0 for virtio-blk and virtio-net, whose tiny guests suppress them and poll
+  their used rings (issue 14 item 7), one per buffer for virtio-console, whose guest
+  leaves them enabled (and polls all the same); n/c where nothing counts them.
 - **wakeups/op**: the VMM's event-loop wakeups for the device — ioeventfd
   notifications it read (virtio), kicks/interrupts it had to forward (vhost-user,
   vfio-user; 0 when the fast path wires the eventfds straight to KVM). Below 1, one
