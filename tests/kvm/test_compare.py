@@ -51,3 +51,22 @@ def test_compare_quick_disk_two_rows(guests: Path, tmp_path: Path) -> None:
     assert 0 < nvme["interrupts_per_op"] <= most
     assert "| virtio-blk-pci |" in md.read_text() and "| nvme |" in md.read_text()
     assert "virtio-blk-pci" in p.stdout and "nvme" in p.stdout
+
+
+def test_compare_quick_console_uart_vs_virtio(guests: Path, tmp_path: Path) -> None:
+    """A 64-byte line by the UART is 64 THR writes and at least 64 LSR reads, each a
+    port exit; by virtio-console one ioeventfd notification and no exit."""
+    js = tmp_path / "c.json"
+    p = subprocess.run(pyvmm_cmd("compare", "--quick", "--class", "console", "--guests",
+                                 str(guests), "--json", str(js)),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads(js.read_text())["rows"]}
+    assert set(rows) == {"uart", "virtio-console"}
+    uart, vcon = rows["uart"]["metrics"], rows["virtio-console"]["metrics"]
+    assert rows["uart"]["status"] == rows["virtio-console"]["status"] == "ok"
+    assert uart["exits_per_op"] >= 128 - 0.5  # the result line's bytes differ a little
+    assert vcon["exits_per_op"] < 0.1
+    assert uart["interrupts_per_op"] is None  # the UART row does not count a bystander's
+    for m in (uart, vcon):
+        assert m["p50_us"] > 0 and m["vmm_cpu_us_per_op"] > 0
