@@ -136,7 +136,10 @@ class Machine:
         self.virtio: list[VirtioPciDevice] = []
         self.virtio_mmio: list[VirtioMmioDevice] = []
         self.vm = Vm(self.kvm)
-        self.mem = GuestMemory(L.ram_layout(cfg.memory))
+        # Below 1 MiB, a device's fixed MMIO range (the VGA window) is its own, not RAM.
+        holes = tuple(sorted({(r.base, r.size) for e in cfg.devices for r in e.spec.isa
+                              if r.space == "mmio" and r.base < L.HIGH_MEMORY_START}))
+        self.mem = GuestMemory(L.ram_layout(cfg.memory, holes))
         try:
             Builder(self).build()
         except BaseException:
