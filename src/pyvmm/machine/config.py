@@ -82,6 +82,9 @@ class MachineConfig:
                                   "LAPIC in KVM, PIC/IOAPIC/PIT in Python")
     msi: MsiPath = option(MsiPath.IRQFD, "device MSI/MSI-X: irqfd (an irqfd and GSI route per "
                           "vector) or signal (KVM_SIGNAL_MSI per message)")
+    display: str | None = option(None, "write the display's screen as PNG: png:DIR[,every=S] "
+                                 "(every S seconds when it changed, default 1, and at the "
+                                 "stop); needs --device vga", metavar="png:DIR[,every=S]")
     devices: list[DeviceEntry] = option(factory=list, doc="the machine's devices, in slot "
                                         "order", cli="")
 
@@ -104,6 +107,12 @@ class MachineConfig:
             if v is not None and not 0 <= v < 1 << 64:
                 raise ValueError(f"{what} {v:#x} is not an address")
         CharSpec.parse(self.serial)
+        if self.display is not None:
+            from pyvmm.machine.display import PngOutput
+
+            PngOutput.parse(self.display)
+            if not any(d.name == "vga" for d in self.devices):
+                raise ValueError("display: the machine has no display (add --device vga)")
         for d in self.devices:
             if (getattr(d.config, "backend", None) == "stdio" and self.serial == "stdio"):
                 raise ValueError(f"serial and {d.name} cannot both use stdio")
@@ -119,6 +128,10 @@ class MachineConfig:
             raise ConfigError(f"memory {self.memory >> 20} MiB is more than the host has "
                               f"({hm >> 20} MiB)")
         _check_file("kernel", self.kernel)
+        if self.display is not None:
+            from pyvmm.machine.display import PngOutput
+
+            PngOutput.parse(self.display).validate()
         if self.exits_json is not None:
             parent = Path(self.exits_json).parent
             if not parent.is_dir():

@@ -208,6 +208,12 @@ class Machine:
         thread.start()
         deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
         proc0 = time.process_time()
+        screens = None
+        if self.cfg.display is not None:
+            from pyvmm.machine.display import PngOutput, ScreenWriter
+
+            screens = ScreenWriter(self, PngOutput.parse(self.cfg.display))
+            screens.start()
         try:
             while not self.flags.stopping:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -219,6 +225,11 @@ class Machine:
         except Exception as e:  # the loop itself failed (not a callback): report, stop
             self.stop("error", 1, f"internal error in the event loop: {e!r}")
         self._join_vcpu(thread)
+        if screens is not None and not self.vcpu_stuck:
+            try:
+                screens.write()  # the screen as the guest left it
+            except OSError as e:
+                self.result_note(f"display: cannot write a PNG: {e.strerror}")
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         self.state = VmState.STOPPED
@@ -290,6 +301,27 @@ class Machine:
             pass  # the loop injects pending PIC interrupts before re-entering
         else:
             self.guest_errors.warn(f"exit:{type(e).__name__}", f"unhandled exit {e}")
+
+    def result_note(self, text: str) -> None:
+        if self.result is not None:
+            self.result.message += f"; {text}"
+
+    # --- the screen --------------------------------------------------------------------
+    def display(self) -> Any:
+        """The machine's display device (a ``StdVga``), or None."""
+        for _, spec, dev in self.devices:
+            if spec.name == "vga":
+                return dev
+        return None
+
+    def screen(self) -> Any:
+        """The display's screen as a Pillow RGB image (text mode drawn with the console
+        font, framebuffer modes as they are), redrawn where the dirty log says; callable
+        in any state, from any thread that does not race another ``screen()``."""
+        dev = self.display()
+        if dev is None:
+            raise ConfigError("the machine has no display (--device vga)")
+        return dev.screen()
 
     # --- reporting -------------------------------------------------------------------
     def exit_report(self) -> dict[str, Any]:
