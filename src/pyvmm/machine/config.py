@@ -111,8 +111,6 @@ class MachineConfig:
             from pyvmm.machine.display import PngOutput
 
             PngOutput.parse(self.display)
-            if not any(d.name == "vga" for d in self.devices):
-                raise ValueError("display: the machine has no display (add --device vga)")
         for d in self.devices:
             if (getattr(d.config, "backend", None) == "stdio" and self.serial == "stdio"):
                 raise ValueError(f"serial and {d.name} cannot both use stdio")
@@ -132,6 +130,8 @@ class MachineConfig:
             from pyvmm.machine.display import PngOutput
 
             PngOutput.parse(self.display).validate()
+            if not any(d.name == "vga" for d in self.devices):
+                raise ConfigError("display: the machine has no display (add --device vga)")
         if self.exits_json is not None:
             parent = Path(self.exits_json).parent
             if not parent.is_dir():

@@ -138,6 +138,10 @@ class TrackedMemory:
         self.touch(offset, size)
 
     def close(self) -> None:
+        """Unmap and free; a second call does nothing (the device and its host may both
+        close it)."""
+        if self.fd < 0:
+            return
         if self.mapper is not None and self._handle is not None:
             with contextlib.suppress(PyvmmError, OSError):
                 self.mapper.unmap(self._handle)
@@ -146,3 +150,4 @@ class TrackedMemory:
         with contextlib.suppress(BufferError):
             self.map.close()
         os.close(self.fd)
+        self.fd = -1

@@ -21,8 +21,6 @@ from pyvmm.memory.tracked import PAGE
 if TYPE_CHECKING:
     from pyvmm.devices.display.vga import StdVga
 
-# Debian's console-setup-linux: the IBM VGA 8x16 glyphs with a Unicode table.
-DEFAULT_FONT = "/usr/share/consolefonts/Lat15-VGA16.psf.gz"
 PSF1_MAGIC = b"\x36\x04"
 PSF1_MODE512, PSF1_MODEHASTAB = 0x01, 0x02
 PSF2_MAGIC = b"\x72\xb5\x4a\x86"

@@ -13,7 +13,8 @@ from pyvmm.uapi import vga as V
 if TYPE_CHECKING:
     from pyvmm.devices.display.vga import StdVga
 
-DEFAULT_FONT = "/usr/share/consolefonts/Lat15-VGA16.psf.gz"  # Debian console-setup-linux
+# Debian console-setup-linux: the IBM VGA 8x16 glyphs, with a Unicode table.
+DEFAULT_FONT = "/usr/share/consolefonts/Uni2-VGA16.psf.gz"
 
 
 @dataclass(kw_only=True)
