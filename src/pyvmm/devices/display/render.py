@@ -13,6 +13,7 @@ renders does not pay for it at start-up.
 from __future__ import annotations
 
 import gzip
+import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,12 @@ PSF1_MAGIC = b"\x36\x04"
 PSF1_MODE512, PSF1_MODEHASTAB = 0x01, 0x02
 PSF2_MAGIC = b"\x72\xb5\x4a\x86"
 PSF2_HAS_UNICODE_TABLE = 0x01
-MAX_PIXELS = 4096 * 4096  # a guest cannot make the host draw a bigger picture
+MAX_PIXELS = 4096 * 4096
+# What the VGA's character generator shows for bytes 0-31 (Python's cp437 codec maps
+# them to control codes instead).
+CP437_LOW = ("\u0020\u263a\u263b\u2665\u2666\u2663\u2660\u2022\u25d8\u25cb\u25d9\u2642"
+             "\u2640\u266a\u266b\u263c\u25ba\u25c4\u2195\u203c\u00b6\u00a7\u25ac\u21a8"
+             "\u2191\u2193\u2192\u2190\u221f\u2194\u25b2\u25bc")  # a guest cannot make the host draw a bigger picture
 
 
 class FontError(ValueError):
@@ -48,7 +54,8 @@ class PsfFont:
             raise FontError(f"font {path}: {e.strerror}") from None
         if data[:2] == b"\x1f\x8b":
             try:
-                data = gzip.decompress(data)
+                with gzip.GzipFile(fileobj=io.BytesIO(data)) as g:
+                    data = g.read(1 << 22)  # a font is KiBs: bounded whatever it claims
             except (OSError, EOFError) as e:
                 raise FontError(f"font {path}: {e}") from None
         try:
@@ -101,8 +108,7 @@ class PsfFont:
         out = []
         blank = self.unicode.get("?", 0)
         for b in range(256):
-            ch = "\u263a\u263b\u2665\u2666\u2663\u2660\u2022\u25d8\u25cb\u25d9\u2642\u2640" \
-                 "\u266a\u266b\u263c"[b - 1] if 1 <= b <= 15 else bytes([b]).decode("cp437")
+            ch = CP437_LOW[b] if b < 32 else "\u2302" if b == 0x7F else bytes([b]).decode("cp437")
             g = self.unicode.get(ch) if self.unicode else b
             if g is None and b == 0:
                 g = self.unicode.get(" ", blank)
