@@ -26,12 +26,12 @@ PSF1_MAGIC = b"\x36\x04"
 PSF1_MODE512, PSF1_MODEHASTAB = 0x01, 0x02
 PSF2_MAGIC = b"\x72\xb5\x4a\x86"
 PSF2_HAS_UNICODE_TABLE = 0x01
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = 4096 * 4096  # a guest cannot make the host draw a bigger picture
 # What the VGA's character generator shows for bytes 0-31 (Python's cp437 codec maps
 # them to control codes instead).
 CP437_LOW = ("\u0020\u263a\u263b\u2665\u2666\u2663\u2660\u2022\u25d8\u25cb\u25d9\u2642"
              "\u2640\u266a\u266b\u263c\u25ba\u25c4\u2195\u203c\u00b6\u00a7\u25ac\u21a8"
-             "\u2191\u2193\u2192\u2190\u221f\u2194\u25b2\u25bc")  # a guest cannot make the host draw a bigger picture
+             "\u2191\u2193\u2192\u2190\u221f\u2194\u25b2\u25bc")
 
 
 class FontError(ValueError):
