@@ -3,7 +3,8 @@
  * through BAR2's MMIO view, read the capabilities (GETCAPS), set a mode (w x h x 32,
  * LFB), draw a test pattern into BAR0 (guest memory in a dirty-logged memslot: no exit
  * per store) and report its checksum. Bad values are tried first: BPP 7 and a huge
- * XRES come back fixed up. */
+ * XRES come back fixed up. hold=1 spins after reporting, so that a host (QEMU's
+ * screendump in tests/e2e) can take the screen. */
 #include "pci.h"
 
 #define DISPI_INDEX 0x1CE
@@ -105,5 +106,8 @@ int main(void)
     check(back == sum, "pattern reads back from the framebuffer");
     printf("bochs: mode %ux%ux32 pattern sum %08x\n", w, h, sum);
     printf("bochs: all passed\n");
+    if (arg_u64("hold", 0))  /* keep the screen for a host that takes a screendump */
+        for (;;)
+            cpu_relax();
     return 0;
 }
