@@ -4,7 +4,8 @@
  * sets its shape through the CRTC, pokes the attribute controller's flip-flop and the
  * retrace bit, writes garbage indices, and prints what it wrote so that the host can
  * compare the buffer and its PNG with it. rounds=N rewrites the screen N times more
- * (to show that the stores cost no exits). */
+ * (to show that the stores cost no exits); hold=1 spins after reporting, for QEMU's
+ * screendump in tests/e2e. */
 #include "guest.h"
 
 #define VGA_TEXT 0xB8000UL
@@ -55,7 +56,10 @@ int main(void)
     crtc(0x7F, 0xAA);
     outb(0x3CE, 0x0F); outb(0x3CF, 0x55);
     outb(0x3C4, 0x07); outb(0x3C5, 0x55);
-    check(crtc_rd(0x7F) == 0xFF, "CRTC index past 0x18 reads 0xff");
+    /* pyvmm: 0xff (no register); QEMU keeps a 256-byte CRTC file and reads back. */
+    u8 past = crtc_rd(0x7F);
+    check(past == 0xFF || past == 0xAA, "CRTC index past 0x18: no effect on the screen");
+    printf("vga-text: CRTC 0x7f reads %02x\n", past);
 
     for (u64 r = 0; r <= rounds; r++) {
         for (int i = 0; i < COLS * ROWS; i++)
@@ -84,5 +88,8 @@ int main(void)
     check(crtc_rd(0x01) == 79, "CR00-CR07 write-protected by CR11 bit 7");
     printf("vga-text: cursor %u shape 13-15 rounds %lu\n", pos, rounds + 1);
     printf("vga-text: all passed\n");
+    if (arg_u64("hold", 0))  /* keep the screen for a host that takes a screendump */
+        for (;;)
+            cpu_relax();
     return 0;
 }

@@ -84,11 +84,11 @@ def test_text_mode_cells_cursor_screen_and_no_exits_for_buffer_stores(guests: Pa
         for y in range(16):
             for x in range(8):
                 on = glyph[y] >> (7 - x) & 1
-                assert img.getpixel((x, y)) == ((255, 255, 255) if on else (0, 0, 170))
+                assert img.getpixel((x, y)) == ((255, 255, 255) if on else (0, 0, 168))
         # The cursor: scan lines 13-15 of the (blank, attribute 0x07) cell after "the
         # end", in that cell's foreground colour; the lines above it stay background.
         cx, cy = 7 * 8, (ROWS - 1) * 16
-        assert all(img.getpixel((cx + x, cy + y)) == (170, 170, 170)
+        assert all(img.getpixel((cx + x, cy + y)) == (168, 168, 168)
                    for x in range(8) for y in (13, 14, 15))
         assert all(img.getpixel((cx + x, cy + y)) == (0, 0, 0)
                    for x in range(8) for y in range(13))
@@ -152,7 +152,7 @@ def test_cli_display_png_and_dirty_counters(guests: Path, tmp_path: Path) -> Non
 
     with Image.open(tmp_path / "screen.png") as img:
         assert img.size == (640, 400)
-        assert img.getpixel((0, 0)) == (0, 0, 170)  # the title row's blue background
+        assert img.getpixel((0, 0)) == (0, 0, 168)  # the title row's blue background
         assert len(img.getcolors(1 << 16) or ()) >= 16  # the 16 text colours all appear
     dev = next(d for d in json.loads(js.read_text())["devices"] if d["type"] == "vga")
     assert 0 < dev["window"]["dirty_pages"] <= 32 and dev["window"]["trapped"] == 0

@@ -248,9 +248,9 @@ def test_sequencer_graphics_and_dac() -> None:
 
 def test_text_colours_as_mode_3_sets_them() -> None:
     v = make()
-    assert v.text_colour(1) == (0, 0, 170)
-    assert v.text_colour(6) == (170, 85, 0)  # brown: attribute 6 selects DAC 0x14
-    assert v.text_colour(14) == (255, 255, 85)
+    assert v.text_colour(1) == (0, 0, 168)
+    assert v.text_colour(6) == (168, 87, 0)  # brown: attribute 6 selects DAC 0x14
+    assert v.text_colour(14) == (255, 255, 87)
     assert v.text_colour(15) == (255, 255, 255)
     v.close()
 
@@ -311,7 +311,7 @@ def test_framebuffer_render_modes() -> None:
     dw(v, ENABLE, 0), dw(v, BPP, 8), dw(v, ENABLE, V.VBE_DISPI_ENABLED)
     v.vram.map[0] = 1  # DAC 1: EGA blue
     v.vram.touch(0, 1)
-    assert r.screen().getpixel((0, 0)) == (0, 0, 170)
+    assert r.screen().getpixel((0, 0)) == (0, 0, 168)
     v.close()
 
 

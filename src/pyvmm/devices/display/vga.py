@@ -54,6 +54,11 @@ def ega_dac() -> bytearray:
     return dac
 
 
+def _c6(v: int) -> int:
+    v &= 0x3F
+    return v << 2 | (v & 1) * 3
+
+
 class StdVga(PCIDevice):
     name = "vga"
 
@@ -181,7 +186,10 @@ class StdVga(PCIDevice):
         r, g, b = self.dac[i * 3:i * 3 + 3]
         if self.dispi[V.VBE_DISPI_INDEX_ENABLE] & V.VBE_DISPI_8BIT_DAC:
             return r, g, b
-        return (r << 2 | r >> 4), (g << 2 | g >> 4), (b << 2 | b >> 4)
+        # 6 to 8 bits as QEMU's std VGA does (shift, then the low bit copied into the
+        # two new ones: 42 -> 168, 21 -> 87, 63 -> 255), so screens compare pixel for
+        # pixel with QEMU's screendump; a real DAC is analogue and defines no rule.
+        return _c6(r), _c6(g), _c6(b)
 
     def dispi_mode(self) -> tuple[int, int, int, int, int]:
         """(xres, yres, bpp, line length in bytes, start byte) of the enabled mode."""
