@@ -84,6 +84,7 @@ def test_bochs_guest_screen_matches_qemus_std_vga(guests: Path, tmp_path: Path) 
 def test_vga_text_guest_screen_matches_qemus_std_vga(guests: Path, tmp_path: Path) -> None:
     out, ppm = qemu_screendump(guests / "vga_text.elf", "hold=1", "vga-text: all passed",
                                tmp_path)
+    assert "vga-text: cursor 1927 shape 13-15" in out and "CRTC 0x7f reads aa" in out
     with Machine(MachineConfig.from_dict({
             "kernel": str(guests / "vga_text.elf"), "quiet": True, "serial": "none",
             "timeout": 60, "devices": [{"type": "vga"}]})) as m:
