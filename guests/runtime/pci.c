@@ -133,9 +133,20 @@ void irq_set_ack_pio(u8 vector, u16 sel_port, u8 sel, u16 data_port, volatile u8
     ack_restore[vector & 15] = restore;
 }
 
-void irq_dispatch(u64 vector)
+/* CPL3 handlers sit behind trap gates (PVM needs them: an interrupt gate's IF=0 cannot
+ * be undone by iretq at CPL3), so IF stays set inside a handler, and an interrupt
+ * pending when the EOI lands nests on the handler's stack at once. A device that raises
+ * its next interrupt as soon as the last is acknowledged (the RTC reinjecting owed
+ * periods) would then nest one level per owed period, down through the stack: a triple
+ * fault seen under load. So a handler entered while another runs only notes its vector
+ * and returns WITHOUT an EOI (the LAPIC keeps that vector, and anything of lower
+ * priority, in service, so no third can nest); the running one serves it after its own
+ * EOI, in a loop. Depth stays at most 2. */
+static volatile u32 irq_depth;
+static volatile u32 irq_nested[16];
+
+static void irq_serve(u32 i)
 {
-    u32 i = vector & 15;
     irq_count[i]++;
     if (ack_addr[i])
         mmio_write32(ack_addr[i], ack_val[i]);
@@ -147,7 +158,38 @@ void irq_dispatch(u64 vector)
         if (ack_restore[i])
             outb(ack_sel_port[i], *ack_restore[i]);
     }
-    mmio_write32(LAPIC_BASE + 0xb0, 0);  /* EOI */
+    mmio_write32(LAPIC_BASE + 0xb0, 0);  /* EOI: of the highest vector in service */
+}
+
+void irq_dispatch(u64 vector)
+{
+    u32 i = vector & 15;
+    if (irq_depth) {
+        irq_nested[i]++;
+        return;
+    }
+    for (;;) {
+        irq_depth = 1;
+        irq_serve(i);
+        for (;;) {  /* what nested meanwhile, each still in service at the LAPIC */
+            u32 j = 0;
+            while (j < 16 && !irq_nested[j])
+                j++;
+            if (j == 16)
+                break;
+            irq_nested[j]--;
+            irq_serve(j);
+        }
+        irq_depth = 0;
+        /* One may have noted itself between the last look and depth = 0. */
+        u32 j = 0;
+        while (j < 16 && !irq_nested[j])
+            j++;
+        if (j == 16)
+            return;
+        irq_nested[j]--;
+        i = j;
+    }
 }
 
 extern char irq_stubs[];

@@ -8,7 +8,9 @@
 #include "pci.h"
 
 #define CQE_STATUS(e) ((u16)((e)[3] >> 17) & 0x7fff)
-#define SPIN 50000000ul
+/* Polling budget per wait; spin= raises it (a device in another process, on a loaded
+ * host, may take longer than an emulated one to answer a posted doorbell). */
+static u64 SPIN = 50000000ul;
 
 struct sqe { u32 cdw0, nsid, rsvd[2]; u64 mptr, prp1, prp2; u32 cdw10, cdw11, cdw12, cdw13, cdw14, cdw15; };
 
@@ -129,6 +131,7 @@ int main(void)
 {
     uart_init();
     irq_init();
+    SPIN = arg_u64("spin", SPIN);
     lapic_enable();
     u32 dev = find_nvme();
     pci_write16(0, dev, 0, 4, pci_read16(0, dev, 0, 4) | 6);  /* memory + bus master */

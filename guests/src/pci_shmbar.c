@@ -3,10 +3,11 @@
  * device sees the same bytes (SHM_SUM), writes the guest can read (SHM_FILL), and
  * counts 0 trapped BAR4 accesses (SHM_TRAPS). Moving the BAR moves the mapping: the
  * data appears at the new address, the old one decodes nothing. n= rounds of a 1 MiB
- * write+read sweep, to show the accesses cost no exits. */
+ * write+read sweep, to show the accesses cost no exits. dev= the slot (default 1; the
+ * device served through the vfio-user client sits in a later one). */
 #include "pci.h"
 
-#define DEV 1
+static u32 DEV = 1;
 #define R(off) (bar0 + (off))
 
 static u64 bar0;
@@ -22,7 +23,8 @@ int main(void)
 {
     uart_init();
     u64 rounds = arg_u64("n", 4);
-    check((pci_read32(0, DEV, 0, 0)) == 0x50501234, "testdev present at 00:01.0");
+    DEV = (u32)arg_u64("dev", 1);
+    check((pci_read32(0, DEV, 0, 0)) == 0x50501234, "testdev present");
     bar0 = pci_bar_addr(0, DEV, 0, 0);
     u64 bar4 = pci_bar_addr(0, DEV, 0, 4);
     check(bar4 != 0, "BAR4 assigned");

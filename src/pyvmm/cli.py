@@ -8,13 +8,18 @@ import functools
 import logging
 import signal
 import sys
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from pyvmm import schema
+from pyvmm import sandbox, schema
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.errors import ConfigError, KvmError, KvmUnavailable, PvmProbeError, PyvmmError
 from pyvmm.machine.config import MachineConfig, device_entry, load_json_object
 from pyvmm.registry import DEVICES, find
+from pyvmm.sandbox import SeccompMode
+
+if TYPE_CHECKING:
+    from pyvmm.devices.virtio.blk import VirtioBlk
+    from pyvmm.sharing.ratelimit import Limits
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 2
@@ -127,6 +132,16 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
                    help="Unix socket to listen on (repeat with --disk for more images)")
     b.add_argument("--disk", action="append", help="raw image for each socket")
     b.add_argument("--readonly", action="store_true", help="serve the images read-only")
+    b.add_argument("--limit", metavar="iops=N,bps=N[,iops_burst=N,bps_burst=N]",
+                   help="vhost-user-blk: each socket's own token buckets")
+    b.add_argument("--group-limit", metavar="iops=N,bps=N[,...]",
+                   help="vhost-user-blk: buckets shared by all sockets, taken in turns "
+                   "(one request each while several wait)")
+    b.add_argument("--stats-json", metavar="PATH", help="vhost-user-blk: on stop, write "
+                   "per-socket requests, bytes, throughput and Jain's fairness index here")
+    b.add_argument("--seccomp", choices=[m.value for m in SeccompMode],
+                   default=SeccompMode.ENFORCE.value, help="the process's system-call "
+                   "allow-list once it is set up (docs/security.md; default enforce)")
     i = sub.add_parser("info", help="describe the machine")
     i.add_argument("--machine", action="store_true", help="print the machine map")
     i.add_argument("--devices", action="store_true", help="list the devices of the registry")
@@ -134,6 +149,19 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
     c = sub.add_parser("config", help="the configuration's reference")
     c.add_argument("--schema", action="store_true", help="print the JSON Schema")
     c.add_argument("--doc", action="store_true", help="print docs/config.md")
+    c.add_argument("--openapi", action="store_true",
+                   help="print the control API's OpenAPI document (docs/openapi.json)")
+    from pyvmm.api import COMMANDS  # a dict only: no HTTP client at start-up
+
+    rm = sub.add_parser("remote", help="control a running VM through its --api-socket "
+                        "(exit code 4: unreachable, 5: refused)")
+    rm.add_argument("--api-socket", required=True, metavar="PATH",
+                    help="the socket given to pyvmm run --api-socket")
+    rm.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    rm.add_argument("remote_command", metavar="COMMAND", choices=list(COMMANDS),
+                    help="one of " + ", ".join(COMMANDS))
+    rm.add_argument("device", metavar="DEVICE", nargs="?",
+                    help="trace, trace-on, trace-off: the device (a name from 'devices')")
     return p
 
 
@@ -204,6 +232,7 @@ def _backend(a: argparse.Namespace) -> int:
     from pyvmm.backends.block import RawBlockBackend
     from pyvmm.backends.io_pool import IoPool
     from pyvmm.devices.virtio.blk import VirtioBlk
+    from pyvmm.sharing.ratelimit import Limits, RateGroup
     from pyvmm.vhost_user.backend import VhostUserServer
 
     if a.kind == "vfio-user":
@@ -212,16 +241,97 @@ def _backend(a: argparse.Namespace) -> int:
         return _vhost_user_net(a)
     if not a.disk or len(a.socket) != len(a.disk):
         raise ConfigError("give one --disk for each --socket")
+    limits = _limits(a.limit, "--limit")
+    group_limits = _limits(a.group_limit, "--group-limit")
+    if a.stats_json:
+        _check_writable(a.stats_json, "--stats-json")
     server = VhostUserServer()
+    group = (None if group_limits is None
+             else RateGroup(group_limits, server.events.call_later))
     backends = [RawBlockBackend(d, a.readonly) for d in a.disk]  # checks every image first
-    pool = IoPool()  # shared by every session: requests that would block on the disk
+    # shared by every session: requests that would block on the disk
+    pool = IoPool(thread_init=functools.partial(sandbox.apply, "io-pool", a.seccomp))
+    served: list[list[VirtioBlk]] = [[] for _ in a.socket]  # per socket, each session's
+
+    def make(i: int, be: RawBlockBackend) -> VirtioBlk:
+        dev = VirtioBlk(be, serial=f"pyvmm-vu{i}", pool=pool,
+                        limits=limits or Limits(), call_later=server.events.call_later,
+                        group=group)
+        served[i].append(dev)
+        return dev
+
     for i, (path, be) in enumerate(zip(a.socket, backends, strict=True)):
         try:
-            server.listen(path, functools.partial(VirtioBlk, be, serial=f"pyvmm-vu{i}",
-                                                  pool=pool))
+            server.listen(path, functools.partial(make, i, be))
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
-    return _serve(server, f"vhost-user-blk serving {len(backends)} image(s)")
+    try:
+        return _serve(server, f"vhost-user-blk serving {len(backends)} image(s)", a.seccomp)
+    finally:
+        _blk_stats(a.socket, served, a.stats_json)
+
+
+def _limits(text: str | None, opt: str) -> Limits | None:
+    from pyvmm.devices.spec import LimitsConfig
+
+    if text is None:
+        return None
+    cfg = schema.build(LimitsConfig, schema.parse_kv(text, None, opt), opt, text=True)
+    if all(v is None for v in cfg.limits()):
+        raise ConfigError(f"{opt}: give iops=N and/or bps=N")
+    return cfg.limits()
+
+
+def _check_writable(path: str, opt: str) -> None:
+    """Fail now, not after serving for an hour; creates nothing."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{opt} {path}: folder {folder} is missing or not writable")
+    if os.path.isdir(path):
+        raise ConfigError(f"{opt} {path}: is a folder")
+
+
+def _blk_stats(sockets: list[str], served: list[list[VirtioBlk]], path: str | None) -> None:
+    """The physical side's view when the backend stops: what each socket's sessions
+    were served, and how fairly (Jain's index over the shares while all were busy)."""
+    import json
+
+    from pyvmm.sharing.ratelimit import jain, shares_in_common_window
+
+    rows = []
+    for sock, devs in zip(sockets, served, strict=True):
+        reqs = sum(d.requests for d in devs)
+        nbytes = sum(d.bytes for d in devs)
+        lims = [d.limiter for d in devs if d.limiter is not None and d.limiter.log]
+        t0 = min((lim.log[0] for lim in lims), default=0.0)
+        t1 = max((lim.log[-1] for lim in lims), default=0.0)
+        secs = t1 - t0
+        rows.append({"socket": sock, "sessions": len(devs), "requests": reqs,
+                     "bytes": nbytes, "throttled": sum(lim.throttled for lim in lims),
+                     "seconds": round(secs, 3),
+                     "requests_per_s": round(reqs / secs, 1) if secs > 0 else None})
+    last = [devs[-1].limiter for devs in served if devs and devs[-1].limiter is not None]
+    shares = shares_in_common_window(last) if len(last) == len(served) else []
+    logs = [lim.log for devs in served for d in devs
+            if (lim := d.limiter) is not None and lim.log]
+    span = max(x[-1] for x in logs) - min(x[0] for x in logs) if logs else 0.0
+    out = {"sockets": rows, "span_seconds": round(span, 3), "common_window_shares": shares,
+           "jain": round(jain([float(x) for x in shares]), 4) if shares else None}
+    for r in rows:
+        print(f"pyvmm: {r['socket']}: {r['requests']} requests, {r['bytes']} bytes, "
+              f"{r['throttled']} throttled", file=sys.stderr)
+    if shares:
+        print(f"pyvmm: shares while all were busy {shares}: Jain {out['jain']}",
+              file=sys.stderr)
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump(out, f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            print(f"pyvmm: cannot write --stats-json {path}: {e.strerror}", file=sys.stderr)
 
 
 def _vhost_user_net(a: argparse.Namespace) -> int:
@@ -254,7 +364,7 @@ def _vhost_user_net(a: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"cannot listen on {path}: {e.strerror}") from None
     return _serve(server, f"vhost-user-net: a switch with {len(a.socket)} port(s)"
-                  + (f" and uplink {a.tap}" if a.tap else ""))
+                  + (f" and uplink {a.tap}" if a.tap else ""), a.seccomp)
 
 
 class _Server(Protocol):
@@ -263,10 +373,14 @@ class _Server(Protocol):
     def close(self) -> None: ...
 
 
-def _serve(server: _Server, what: str) -> int:
+def _serve(server: _Server, what: str, seccomp: str) -> int:
     print(f"pyvmm: {what}", file=sys.stderr, flush=True)
     # SIGTERM is a clean stop too: sockets removed, sessions closed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Set up (images open, sockets listening): from here on the process does only what
+    # serving needs. Threads started before (an I/O pool) filter themselves.
+    sandbox.prepare(seccomp)
+    sandbox.apply("backend", seccomp)
     try:
         server.serve_forever()
     except (KeyboardInterrupt, SystemExit):
@@ -332,7 +446,7 @@ def _vfio_user(a: argparse.Namespace) -> int:
         server = VfioUserServer(a.socket[0], make, events)
     except OSError as e:
         raise ConfigError(f"cannot listen on {a.socket[0]}: {e.strerror}") from None
-    return _serve(server, f"vfio-user exporting {name}")
+    return _serve(server, f"vfio-user exporting {name}", a.seccomp)
 
 
 def _config_ref(a: argparse.Namespace) -> int:
@@ -341,11 +455,34 @@ def _config_ref(a: argparse.Namespace) -> int:
     from pyvmm.machine.config import config_schema
     from pyvmm.machine.configdoc import config_doc
 
-    if a.schema:
+    if a.openapi:
+        from pyvmm.api.openapi import openapi_document
+
+        print(json.dumps(openapi_document(), indent=2))
+    elif a.schema:
         print(json.dumps(config_schema(), indent=2))
     else:
         print(config_doc(), end="")
     return 0
+
+
+def _run_with_api(cfg: MachineConfig, run_machine: Any) -> int:
+    """``run`` with the control API: the socket path is claimed before the VM is built
+    (a path that is taken is one line, nothing built) and removed when the VM stops."""
+    assert cfg.api_socket is not None
+    try:
+        from pyvmm.api.server import ApiServer
+    except ImportError as e:  # aiohttp is a dependency; a broken install says so
+        raise ConfigError(f"--api-socket needs the aiohttp package ({e})") from None
+    from pyvmm.machine.config import web_address
+
+    server = ApiServer(cfg.api_socket,
+                       tcp=None if cfg.web is None else web_address(cfg.web))
+    try:
+        code: int = run_machine(cfg, attach=server.attach).exit_code
+        return code
+    finally:
+        server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,11 +495,17 @@ def main(argv: list[str] | None = None) -> int:
             return _config_ref(args)
         if args.command == "backend":
             return _backend(args)
+        if args.command == "remote":
+            from pyvmm.api.client import run
+
+            return run(args.api_socket, args.remote_command, args.json, device=args.device)
         cfg = _config_from_args(args)
         cfg.validate()
         from pyvmm.machine.vm import run_machine
 
-        return run_machine(cfg).exit_code
+        if cfg.api_socket is None:
+            return run_machine(cfg).exit_code
+        return _run_with_api(cfg, run_machine)
     except (KvmUnavailable, PvmProbeError) as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return EXIT_KVM

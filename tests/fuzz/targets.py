@@ -27,7 +27,9 @@ from pyvmm.bus import IoBus, MmioBus
 from pyvmm.devices.emulated.ide import spec as ide_spec
 from pyvmm.devices.emulated.ide.controller import PiixIde
 from pyvmm.devices.emulated.ide.disk import AtaDisk
+from pyvmm.devices.input.ps2 import QUEUE_SIZE as PS2_QUEUE_SIZE
 from pyvmm.devices.legacy.fw_cfg import FwCfg
+from pyvmm.devices.legacy.i8042 import CTL_QUEUE_MAX as I8042_CTL_QUEUE_MAX
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.ioapic import IoApic
 from pyvmm.devices.legacy.pic import PicPair
@@ -50,6 +52,7 @@ from pyvmm.machine.config import MachineConfig
 from pyvmm.machine.pci import build_pci
 from pyvmm.memory import GuestMemory
 from pyvmm.testing import RecordingLine, VirtioDriver
+from pyvmm.uapi.input import KEYS
 from pyvmm.vhost_user import protocol as vu
 
 Target = Callable[[bytes], None]
@@ -141,7 +144,38 @@ def ioapic(data: bytes) -> None:
 
 
 def i8042(data: bytes) -> None:
-    register_ops(I8042(on_reset=lambda: None), data, [(0x60, 1), (0x64, 1)], (1,))
+    """Guest port accesses interleaved with host key presses and mouse moves: every
+    read fits a byte, the queues stay bounded, and the IRQ lines are what the status
+    register and command byte say."""
+    irq1, irq12 = RecordingLine(), RecordingLine()
+    k = I8042(on_reset=lambda: None, irq1=irq1, irq12=irq12)
+    names = sorted(KEYS)
+    r = Reader(data)
+    for _ in range(512):
+        if not r.left():
+            break
+        op = r.int(1) % 6
+        if op == 0:
+            k.write(0x64, 0, 1, r.int(1))
+        elif op in (1, 2):
+            k.write(0x60, 0, 1, r.int(1))
+        elif op == 3:
+            v = k.read(0x60 if r.int(1) & 1 else 0x64, 0, 1)
+            if not 0 <= v <= 0xFF:
+                raise Finding(f"i8042 read {v:#x}")
+        elif op == 4:
+            name = names[r.int(1) % len(names)]
+            (k.keyboard.press if r.int(1) & 1 else k.keyboard.release)(name)
+        else:
+            k.mouse.move(r.int(2) - 0x8000, r.int(1) - 0x80, r.int(1) - 0x80, r.int(1))
+        if max(len(k.keyboard.queue), len(k.mouse.queue)) > PS2_QUEUE_SIZE:
+            raise Finding("a PS/2 queue grew past its bound")
+        if len(k.ctl) > I8042_CTL_QUEUE_MAX:
+            raise Finding("the controller's reply queue grew past its bound")
+        full, aux = bool(k.status & 0x01), bool(k.status & 0x20)
+        if k.levels != [full and not aux and bool(k.ctr & 1), full and aux and bool(k.ctr & 2)]:
+            raise Finding(f"IRQ lines {k.levels} disagree with status {k.status:#x} "
+                          f"and command byte {k.ctr:#x}")
 
 
 def fw_cfg(data: bytes) -> None:
@@ -779,6 +813,9 @@ def seeds() -> dict[str, list[bytes]]:
                                        + struct.pack("<QQQQ", 0, 1 << 20, 0, 0))],
         "image_loader": [b"\x7fELF\x02\x01\x01" + bytes(57), b"\x02\xb0\xad\x1b" + bytes(60)],
         "uart": [bytes([0, 3, 1, 0x41, 5, 0]) * 8],
+        # keyboard reset + identify, mouse via 0xD4 (reset, enable), a key, a move, reads
+        "i8042": [bytes([1, 0xFF, 1, 0xF2, 0, 0xD4, 1, 0xFF, 0, 0xD4, 1, 0xF4, 4, 3, 1,
+                         5, 9, 0x80, 0x81, 0x7F, 1]) + bytes([3, 1]) * 16],
         "vhost_user_frontend": [_frontend_seed()],
         "pci": [bytes([0, 2, 0, 1, 0, 0, 0, 0x80]) * 8],
         "ide": [_ide_seed()],

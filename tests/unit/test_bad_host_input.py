@@ -94,6 +94,18 @@ CASES: list[tuple[list[str], str]] = [
     ([*K, "--serial", "socket:live.sock"], "another process is listening"),
     ([*K, "--serial", "socket:" + "s" * 120], "limit of a Unix socket path"),
     ([*K, "--serial", "stdio:x"], "takes no path"),
+    ([*K, "--keyboard", "tty"], "use none or stdin"),
+    # the control API's socket: nothing that is there is replaced
+    ([*K, "--api-socket", "precious.txt"], "not a socket is there; not replacing it"),
+    ([*K, "--api-socket", "live.sock"], "another process is listening"),
+    ([*K, "--api-socket", "nofolder/api.sock"], "does not exist"),
+    ([*K, "--api-socket", "s" * 120], "limit of a Unix socket path"),
+    ([*K, "--api-socket", "precious.txt", "--memory", "1M"], "too small"),
+    ([*K, "--web", "127.0.0.1:8080"], "web needs api_socket"),
+    ([*K, "--api-socket", "api.sock", "--web", "0.0.0.0:8080"], "only a loopback address"),
+    ([*K, "--api-socket", "api.sock", "--web", "127.0.0.1:http"], "use HOST:PORT"),
+    # claimed, then the build fails: the socket goes again (the tree is as it was)
+    (["--kernel", "elf-bad.elf", "--api-socket", "api.sock"], "ELF for machine 65535"),
     # exits json
     ([*K, "--exits-json", "nofolder/x.json"], "does not exist"),
     ([*K, "--exits-json", "precious.txt", "--memory", "1M"], "too small"),

@@ -45,15 +45,6 @@ def test_i8042_self_test_and_command_byte() -> None:
     assert bus.read(0x60, 1) == 0x65
 
 
-def test_i8042_keyboard_command_without_keyboard_gets_resend() -> None:
-    bus = IoBus()
-    k = I8042(on_reset=lambda: None)
-    bus.insert(k, 0x60, 1)
-    bus.insert(k, 0x64, 1)
-    bus.write(0x60, 1, 0xFF)  # keyboard reset
-    assert bus.read(0x60, 1) == 0xFE
-
-
 def test_debug_exit_code_is_qemu_compatible() -> None:
     codes: list[int] = []
     d = DebugExit(codes.append, size=4)

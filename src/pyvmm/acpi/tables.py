@@ -113,7 +113,14 @@ def dsdt(mmio_slots: Sequence[tuple[int, int]] = ()) -> bytes:
         "KBD",
         aml.name("_HID", aml.eisa_id("PNP0303")),
         aml.name("_CRS", aml.resource_template(aml.io_port(L.I8042_DATA_PORT, 1),
-                                               aml.io_port(L.I8042_STATUS_PORT, 1))),
+                                               aml.io_port(L.I8042_STATUS_PORT, 1),
+                                               aml.irq_no_flags(L.I8042_KBD_GSI))),
+    )
+    # The mouse port: without it Linux's i8042 PNP probe takes the aux port as absent.
+    mouse = aml.device(
+        "PS2M",
+        aml.name("_HID", aml.eisa_id("PNP0F13")),
+        aml.name("_CRS", aml.resource_template(aml.irq_no_flags(L.I8042_AUX_GSI))),
     )
     virtio = [
         aml.device(
@@ -126,7 +133,7 @@ def dsdt(mmio_slots: Sequence[tuple[int, int]] = ()) -> bytes:
         )
         for i, (base, gsi) in enumerate(mmio_slots)
     ]
-    return sdt(b"DSDT", 2, aml.scope("\\_SB", pci0, com1, rtc, kbd, *virtio))
+    return sdt(b"DSDT", 2, aml.scope("\\_SB", pci0, com1, rtc, kbd, mouse, *virtio))
 
 
 @dataclass(frozen=True)

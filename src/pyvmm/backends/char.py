@@ -59,7 +59,9 @@ class InputSink(Protocol):
 
 
 class SerialIo:
-    def __init__(self, cfg: CharSpec, events: EventManager) -> None:
+    def __init__(self, cfg: CharSpec, events: EventManager, read_stdin: bool = True) -> None:
+        """``read_stdin=False``: stdio is output only (stdin belongs to another reader,
+        ``--keyboard stdin``)."""
         self.cfg = cfg
         self.events = events
         self.sink: InputSink | None = None
@@ -76,7 +78,7 @@ class SerialIo:
         self._inode = (0, 0)
         if cfg.kind == "stdio":
             self._out_fd = 1
-            if _pollable(0):
+            if read_stdin and _pollable(0):
                 self._in_fd = 0
         elif cfg.kind == "file":
             assert cfg.path is not None

@@ -19,11 +19,15 @@ import queue
 import threading
 from collections.abc import Callable
 
+from pyvmm import sandbox
 from pyvmm.ratelimit_log import OnceLog
 
 
 class IoPool:
-    def __init__(self, workers: int = 4, name: str = "blk-io") -> None:
+    def __init__(self, workers: int = 4, name: str = "blk-io",
+                 thread_init: Callable[[], object] | None = None) -> None:
+        """``thread_init`` runs first in each worker (the VMM's seccomp filter)."""
+        self._thread_init = thread_init
         self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.escaped = 0
         self.errors = OnceLog()
@@ -36,6 +40,9 @@ class IoPool:
         self._q.put(work)
 
     def _run(self) -> None:
+        sandbox.name_thread(threading.current_thread().name)
+        if self._thread_init is not None:
+            self._thread_init()
         while (work := self._q.get()) is not None:
             try:
                 work()

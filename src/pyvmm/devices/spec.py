@@ -37,9 +37,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from pyvmm.backends.block import RawBlockBackend
 from pyvmm.schema import option
+from pyvmm.sharing.ratelimit import Limits
 
 if TYPE_CHECKING:
     from pyvmm.backends.io_pool import IoPool
+    from pyvmm.devices.assigned.shmem import BarMapper
     from pyvmm.event import EventManager
     from pyvmm.irq.line import InterruptLine
     from pyvmm.irq.msi import MsiSink
@@ -52,6 +54,15 @@ class Kind(enum.StrEnum):
     VIRTIO = "virtio"
     PCI = "pci"
     ISA = "isa"
+
+
+class Mode(enum.StrEnum):
+    """How the guest's accesses reach the device's logic (what docs/api.md reports)."""
+
+    EMULATED = "emulated"  # registers trapped: every access an exit to the VMM
+    PARAVIRTUAL = "paravirtual"  # virtio: rings in guest memory, kicks by ioeventfd
+    OUT_OF_PROCESS = "out-of-process"  # virtio rings served by another process
+    ASSIGNED = "assigned"  # BARs mapped into the guest, interrupts by irqfd
 
 
 class Transport(enum.StrEnum):
@@ -71,6 +82,35 @@ class VirtioConfig(DeviceConfig):
 
 
 @dataclass(kw_only=True)
+class LimitsConfig(DeviceConfig):
+    """Token buckets for a device's operations and bytes (Firecracker's semantics: each
+    refills at its rate up to its burst; a request waits in the ring while either is
+    empty, nothing is dropped)."""
+
+    iops: int | None = option(None, "at most this many requests per second (none: no limit)")
+    iops_burst: int | None = option(None, "requests that may go at once after idling "
+                                    "(default: one second's worth)")
+    bps: int | None = option(None, "at most this many bytes per second (none: no limit)")
+    bps_burst: int | None = option(None, "bytes that may go at once after idling "
+                                   "(default: one second's worth)")
+
+    def check(self) -> None:
+        if (more := getattr(super(), "check", None)) is not None:
+            more()  # a config that mixes this in with others checks theirs too
+        for key in ("iops", "iops_burst", "bps", "bps_burst"):
+            v = getattr(self, key)
+            if v is not None and v <= 0:
+                raise ValueError(f"{key} must be a positive number")
+        if self.iops_burst is not None and self.iops is None:
+            raise ValueError("iops_burst needs iops")
+        if self.bps_burst is not None and self.bps is None:
+            raise ValueError("bps_burst needs bps")
+
+    def limits(self) -> Limits:
+        return Limits(self.iops, self.iops_burst, self.bps, self.bps_burst)
+
+
+@dataclass(kw_only=True)
 class DiskConfig(DeviceConfig):
     """What every disk device takes, whatever its interface."""
 
@@ -82,6 +122,8 @@ class DiskConfig(DeviceConfig):
                                 "and its index)")
 
     def check(self) -> None:
+        if (more := getattr(super(), "check", None)) is not None:
+            more()
         if self.serial is not None and (len(self.serial) > 20 or not self.serial.isascii()
                                         or not self.serial.isprintable()):
             raise ValueError(f"serial {self.serial!r}: at most 20 printable ASCII characters")
@@ -149,6 +191,12 @@ class HostContext(Protocol):
         with the host."""
         ...
 
+    def bar_mapper(self) -> BarMapper | None:
+        """Maps host memory into the guest at a BAR's address (KVM memslots in a VM),
+        so the guest's accesses there never exit; None where the host cannot (the
+        vfio-user export, tests): such BARs are trapped."""
+        ...
+
 
 class DeviceSpec(NamedTuple):
     # A NamedTuple, not a frozen dataclass: every device module makes one at import,
@@ -165,3 +213,10 @@ class DeviceSpec(NamedTuple):
     gsi: int | tuple[int, ...] | None = None  # fixed ISA interrupt line(s): ctx.line(i)
     exportable: bool = True  # can be served over vfio-user (PCI and virtio kinds)
     doc: str = ""  # docs/devices/<page>.md
+    mode: Mode | None = None  # default: PARAVIRTUAL for VIRTIO, else EMULATED
+
+    @property
+    def io_mode(self) -> Mode:
+        if self.mode is not None:
+            return self.mode
+        return Mode.PARAVIRTUAL if self.kind is Kind.VIRTIO else Mode.EMULATED

@@ -13,10 +13,13 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
+from pyvmm import sandbox
 from pyvmm.acpi import tables as acpi_tables
 from pyvmm.backends.char import CharSpec, SerialIo
 from pyvmm.backends.io_pool import IoPool
+from pyvmm.backends.key_input import KeyInput
 from pyvmm.bus import IoBus, MmioBus
+from pyvmm.devices.assigned.shmem import BarMapper
 from pyvmm.devices.legacy.debug_exit import DebugExit
 from pyvmm.devices.legacy.i8042 import I8042
 from pyvmm.devices.legacy.ioapic import IOAPIC_SIZE
@@ -101,7 +104,10 @@ class BuildContext:
     def io_pool(self) -> IoPool:
         m = self._b.m
         if m.io_pool is None:
-            m.io_pool = IoPool()  # closed by Machine.close before any image fd
+            mode = m.cfg.seccomp
+            sandbox.prepare(mode)
+            m.io_pool = IoPool(thread_init=lambda: sandbox.apply("io-pool", mode))
+            # closed by Machine.close before any image fd
         return m.io_pool
 
     def on_close(self, fn: Callable[[], None]) -> None:
@@ -119,6 +125,9 @@ class BuildContext:
         # Before the VM and its memslots go (Machine.close runs closers first).
         self.on_close(t.close)
         return t
+
+    def bar_mapper(self) -> BarMapper | None:
+        return self._b.m.memslots
 
 
 class Builder:
@@ -142,7 +151,8 @@ class Builder:
         m.pio, m.mmio = IoBus(), MmioBus()
         self._board()
         m.fast_path = IoeventfdFastPath(vm, m.events)
-        # Before the devices: a display's tracked memory takes memslots from it.
+        # Before the devices: an assigned function (vfio-user) maps its BARs with it, a
+        # display's tracked memory takes dirty-logged memslots from it.
         m.memslots = MemslotMapper(vm, first_slot=len(list(m.mem.regions())))
         pci_devices = self._devices(cfg.devices)
         m.pci = build_pci(m.pio, m.mmio, m.mem, m.irqchip, cfg.pci_testdev, pci_devices,
@@ -161,12 +171,20 @@ class Builder:
     # --- the board: what every machine has ------------------------------------------------
     def _board(self) -> None:
         m, cfg = self.m, self.m.cfg
-        m.serial_io = SerialIo(CharSpec.parse(cfg.serial), m.events)
+        m.serial_io = SerialIo(CharSpec.parse(cfg.serial), m.events,
+                               read_stdin=cfg.keyboard != "stdin")
         m.serial = Serial(output=m.serial_io.write, irq=m.irqchip.line(L.COM1_GSI),
                           on_rx_space=m.serial_io.resume_input)
         m.serial_io.attach(m.serial)
         m.pio.insert(m.serial, L.COM1_BASE, 8, "serial0")
-        m.i8042 = I8042(on_reset=lambda: m.stop("reset", 0, "guest reset via i8042"))
+        m.i8042 = I8042(on_reset=lambda: m.stop("reset", 0, "guest reset via i8042"),
+                        irq1=m.irqchip.line(L.I8042_KBD_GSI),
+                        irq12=m.irqchip.line(L.I8042_AUX_GSI))
+        m.keyboard, m.mouse = m.i8042.keyboard, m.i8042.mouse  # the library's input API
+        if cfg.keyboard == "stdin":
+            keys = KeyInput(m.events, m.keyboard)
+            m.closers.append(keys.close)  # restores the terminal
+            keys.start()
         m.pio.insert(m.i8042, L.I8042_DATA_PORT, 1, "i8042")
         m.pio.insert(m.i8042, L.I8042_STATUS_PORT, 1, "i8042")
         m.debug_exit = DebugExit(m.on_debug_exit, cfg.debug_exit_size)

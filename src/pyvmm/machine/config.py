@@ -27,6 +27,7 @@ from pyvmm.devices.spec import DeviceConfig, DeviceSpec
 from pyvmm.errors import ConfigError
 from pyvmm.machine.layout import DEBUG_EXIT_BASE, MiB
 from pyvmm.registry import DEVICES, find
+from pyvmm.sandbox import SeccompMode
 from pyvmm.schema import Size, option, parse_size
 
 MIN_MEMORY = 2 * MiB
@@ -67,6 +68,9 @@ class MachineConfig:
     cmdline: str = option("", "kernel command line")
     serial: str = option("stdio", "COM1's host end: stdio, file:PATH, socket:PATH or none",
                          metavar="stdio|file:PATH|socket:PATH|none")
+    keyboard: str = option("none", "the PS/2 keyboard's host input: none, or stdin (terminal "
+                           "keys as key presses; serial=stdio is then output only)",
+                           metavar="none|stdin")
     load_addr: int | None = option(None, "load a flat binary here (forces the flat format)")
     entry: int | None = option(None, "entry address of a flat binary (default: load address)")
     exits_json: str | None = option(None, "write the per-device exit accounting as JSON here",
@@ -85,6 +89,14 @@ class MachineConfig:
     display: str | None = option(None, "write the display's screen as PNG: png:DIR[,every=S] "
                                  "(every S seconds when it changed, default 1, and at the "
                                  "stop); needs --device vga", metavar="png:DIR[,every=S]")
+    seccomp: SeccompMode = option(SeccompMode.ENFORCE, "per-thread system-call allow-lists "
+                                  "(vCPU, event loop, I/O pool): enforce refuses others with "
+                                  "EPERM, log only logs them (docs/security.md)")
+    api_socket: str | None = option(None, "serve the control API (HTTP/1.1, docs/api.md) on this "
+                                    "Unix socket while the VM runs", metavar="PATH")
+    web: str | None = option(None, "also serve the API and its live web page on this "
+                             "loopback TCP address (needs api_socket; port 0: any free "
+                             "port)", metavar="127.0.0.1:PORT")
     devices: list[DeviceEntry] = option(factory=list, doc="the machine's devices, in slot "
                                         "order", cli="")
 
@@ -107,6 +119,12 @@ class MachineConfig:
             if v is not None and not 0 <= v < 1 << 64:
                 raise ValueError(f"{what} {v:#x} is not an address")
         CharSpec.parse(self.serial)
+        if self.keyboard not in ("none", "stdin"):
+            raise ValueError(f"keyboard {self.keyboard!r}: use none or stdin")
+        if self.web is not None:
+            if self.api_socket is None:
+                raise ValueError("web needs api_socket (the web page is the API's)")
+            web_address(self.web)
         if self.display is not None:
             from pyvmm.machine.display import PngOutput
 
@@ -114,6 +132,8 @@ class MachineConfig:
         for d in self.devices:
             if (getattr(d.config, "backend", None) == "stdio" and self.serial == "stdio"):
                 raise ValueError(f"serial and {d.name} cannot both use stdio")
+            if getattr(d.config, "backend", None) == "stdio" and self.keyboard == "stdin":
+                raise ValueError(f"keyboard and {d.name} cannot both use stdin")
 
     def validate(self) -> None:
         """``check`` plus what needs the host: the kernel file, the host's memory."""
@@ -136,6 +156,11 @@ class MachineConfig:
             parent = Path(self.exits_json).parent
             if not parent.is_dir():
                 raise ConfigError(f"exits-json {self.exits_json!r}: folder {str(parent)!r} "
+                                  "does not exist")
+        if self.api_socket is not None:
+            parent = Path(self.api_socket).parent
+            if not parent.is_dir():
+                raise ConfigError(f"api-socket {self.api_socket!r}: folder {str(parent)!r} "
                                   "does not exist")
         for d in self.devices:
             host_check = getattr(d.config, "validate", None)
@@ -194,6 +219,25 @@ def device_entry(item: object, where: str, registry: tuple[DeviceSpec, ...],
                           f"{schema.did_you_mean(name, [s.name for s in registry])}")
     body = {k: v for k, v in item.items() if k != "type"}
     return DeviceEntry(spec, schema.build(spec.config, body, f"{where} ({name})", text=text))
+
+
+def web_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` for ``web``, HOST a loopback address: the API can pause and stop
+    the VM, so it is never offered to other machines."""
+    import ipaddress
+
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"web {text!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"web {text!r}: only a loopback address (127.0.0.1, ::1, "
+                         "localhost): the API controls the VM")
+    return host, int(port)
 
 
 def load_json_object(path: str, what: str) -> dict[str, Any]:

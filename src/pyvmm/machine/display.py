@@ -5,6 +5,7 @@ stop. The PNGs are named screen-NNNN.png; the last one is also screen.png."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,19 +47,28 @@ class PngOutput:
 
 
 class ScreenWriter:
+    """Writes the screen when due; called from the thread that waits for the run (the
+    caller's, unfiltered by seccomp), between its waits."""
+
     def __init__(self, machine: Machine, out: PngOutput) -> None:
         self.m, self.out = machine, out
         self.written = 0
         self._last: bytes | None = None
+        self._next = time.monotonic() + out.every
 
-    def start(self) -> None:
-        self.m.events.call_later(self.out.every, self._tick)
+    def due(self) -> float:
+        """Seconds until the next picture (0 when it is due)."""
+        return max(0.0, self._next - time.monotonic())
 
-    def _tick(self) -> None:
-        if self.m.flags.stopping:
+    def tick(self) -> None:
+        if self.due() > 0 or self.m.flags.stopping:
             return
-        self.write()
-        self.m.events.call_later(self.out.every, self._tick)
+        self._next = time.monotonic() + self.out.every
+        try:
+            self.write()
+        except OSError as e:
+            self.m.guest_errors.warn("display-write", f"display: cannot write a PNG: "
+                                     f"{e.strerror}")
 
     def write(self) -> None:
         img: Any = self.m.screen()

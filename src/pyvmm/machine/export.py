@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar, cast
 
 from pyvmm.backends.io_pool import IoPool
+from pyvmm.devices.assigned.shmem import BarMapper
 from pyvmm.devices.pci.device import PCIDevice
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.errors import ConfigError
@@ -57,6 +58,9 @@ class ExportContext:
         t = TrackedMemory(size, name)
         self.on_close(t.close)
         return t
+
+    def bar_mapper(self) -> BarMapper | None:
+        return None  # the client maps what bar_memory offers (mmap'able regions)
 
     def attach(self, fn: PCIDevice) -> None:
         """Close what the device opened when the session closes its device."""

@@ -53,6 +53,8 @@ def exit_report(m: Machine) -> dict[str, Any]:
         "nvme": [{"device": dev.serial, **dev.metrics(), "errors": dict(dev.errors.counts)}
                  for _, _, dev in m.devices if isinstance(dev, NvmeController)],
         "serial": {"tx_bytes": m.serial.tx_bytes, "rx_dropped": m.serial.rx_dropped},
+        "i8042": {**m.i8042.metrics(), "errors": dict(
+            m.i8042.errors.counts + m.keyboard.errors.counts + m.mouse.errors.counts)},
     }
 
 

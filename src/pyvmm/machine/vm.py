@@ -1,5 +1,5 @@
 """A machine's lifecycle: built (``machine/builder.py``), run (``machine/runloop.py`` on
-the vCPU thread, the event loop on the caller's), paused and resumed, stopped,
+the vCPU thread, the event loop on its own; the caller's thread waits), paused and resumed, stopped,
 reported (``machine/report.py``), closed.
 
 States: CREATED → RUNNING ⇄ PAUSED → STOPPED; a call in the wrong state raises
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyvmm import pvm
+from pyvmm import pvm, sandbox
 from pyvmm.backends.char import SerialIo
 from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.spec import DeviceSpec
@@ -45,6 +45,8 @@ from pyvmm.uapi import kvm as K
 if TYPE_CHECKING:
     from pyvmm.acpi.tables import AcpiTables
     from pyvmm.bus import IoBus, MmioBus
+    from pyvmm.devices.input.ps2_kbd import Ps2Keyboard
+    from pyvmm.devices.input.ps2_mouse import Ps2Mouse
     from pyvmm.devices.legacy.debug_exit import DebugExit
     from pyvmm.devices.legacy.i8042 import I8042
     from pyvmm.devices.legacy.pit import Pit
@@ -96,6 +98,8 @@ class Machine:
     serial_io: SerialIo
     serial: Serial
     i8042: I8042
+    keyboard: Ps2Keyboard  # host input: press/release/type_text (any thread)
+    mouse: Ps2Mouse  # host input: move(dx, dy, dz, buttons) (any thread)
     debug_exit: DebugExit
     testdev: TestDev
     rtc: Rtc
@@ -118,6 +122,7 @@ class Machine:
         self.exit_counts: Counter[int] = Counter()
         self.result: RunResult | None = None
         self.state = VmState.CREATED
+        self.started_at: float | None = None  # time.monotonic() when run() began (uptime)
         self.flags = RunFlags()
         self._stop_lock = threading.Lock()
         self.vcpu_stuck = False
@@ -201,29 +206,34 @@ class Machine:
         if threading.current_thread() is threading.main_thread():
             old_term = signal.signal(signal.SIGTERM, lambda *_: self.stop(
                 "terminated", 143, "SIGTERM"))
-        t0 = time.monotonic()
-        cpu0 = time.thread_time()
+        sandbox.prepare(self.cfg.seccomp)
+        t0 = self.started_at = time.monotonic()
         thread = threading.Thread(target=self._vcpu_thread, name="vcpu0", daemon=True)
         self.vcpu_thread = thread
-        thread.start()
-        deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
+        # The event loop runs on a thread of its own, so that it can have its own
+        # seccomp filter while this thread — which may be a program's main thread —
+        # stays unfiltered for what comes after run() (the report, files, close).
+        loop = threading.Thread(target=self._event_loop_thread, args=(t0,),
+                                name="event-loop", daemon=True)
         proc0 = time.process_time()
+        # --display: drawn and written on this (unfiltered) thread between its waits, not
+        # on the event loop, whose seccomp filter allows no file creation.
         screens = None
         if self.cfg.display is not None:
             from pyvmm.machine.display import PngOutput, ScreenWriter
 
             screens = ScreenWriter(self, PngOutput.parse(self.cfg.display))
-            screens.start()
+        thread.start()
+        loop.start()
         try:
-            while not self.flags.stopping:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                self.events.run_once(wait)  # contains what its callbacks raise
-                if deadline is not None and time.monotonic() >= deadline:
-                    self.stop("timeout", 124, f"no result within {self.cfg.timeout:g} s")
+            while loop.is_alive():
+                # A timed wait: Ctrl-C and SIGTERM get through, and the screen is due.
+                loop.join(0.5 if screens is None else min(0.5, screens.due()))
+                if screens is not None and loop.is_alive():
+                    screens.tick()
         except KeyboardInterrupt:
             self.stop("interrupted", 130, "interrupted")
-        except Exception as e:  # the loop itself failed (not a callback): report, stop
-            self.stop("error", 1, f"internal error in the event loop: {e!r}")
+            loop.join(VCPU_STOP_GRACE_S)
         self._join_vcpu(thread)
         if screens is not None and not self.vcpu_stuck:
             try:
@@ -235,11 +245,26 @@ class Machine:
         self.state = VmState.STOPPED
         assert self.result is not None
         self.result.wall_time = time.monotonic() - t0
-        self.event_loop_cpu = time.thread_time() - cpu0  # device work + host I/O
         self.off_vcpu_cpu = max(0.0, time.process_time() - proc0 - self.vcpu_thread_cpu)
         self.result.exit_counts = report.exit_kinds(self.exit_counts)
         self.serial_io.flush()
         return self.result
+
+    def _event_loop_thread(self, t0: float) -> None:
+        sandbox.name_thread("event-loop")
+        sandbox.apply("event-loop", self.cfg.seccomp)
+        cpu0 = time.thread_time()
+        deadline = None if self.cfg.timeout is None else t0 + self.cfg.timeout
+        try:
+            while not self.flags.stopping:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self.events.run_once(wait)  # contains what its callbacks raise
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop("timeout", 124, f"no result within {self.cfg.timeout:g} s")
+        except Exception as e:  # the loop itself failed (not a callback): report, stop
+            self.stop("error", 1, f"internal error in the event loop: {e!r}")
+        finally:
+            self.event_loop_cpu = time.thread_time() - cpu0  # device work + host I/O
 
     def _join_vcpu(self, thread: threading.Thread) -> None:
         """Kick the vCPU out of KVM_RUN until its thread ends — but not forever: a thread
@@ -266,6 +291,8 @@ class Machine:
     def _vcpu_thread(self) -> None:
         vcpu = self.vcpu
         vcpu.thread_id = threading.get_ident()
+        sandbox.name_thread("vcpu0")
+        sandbox.apply("vcpu", self.cfg.seccomp)
         cpu0 = time.thread_time()
         try:
             run_vcpu(vcpu, self.pio, self.mmio, self.irqchip, self.exit_counts,
@@ -371,11 +398,18 @@ class Machine:
         self.close()
 
 
-def run_machine(cfg: MachineConfig, stream: Any = None) -> RunResult:
-    """Build, run and report (the CLI's ``run``)."""
+def run_machine(cfg: MachineConfig, stream: Any = None,
+                attach: Callable[[Machine], Callable[[], None]] | None = None) -> RunResult:
+    """Build, run and report (the CLI's ``run``). ``attach`` is called with the built
+    machine before it runs (the control API) and returns what to call once it stopped."""
     out = stream or sys.stderr
     with Machine(cfg) as m:
-        result = m.run()
+        detach = attach(m) if attach is not None else None
+        try:
+            result = m.run()
+        finally:
+            if detach is not None:
+                detach()  # the API socket goes with the VM, before the report
         if not cfg.quiet:
             print(f"pyvmm: VM stopped: {result.message or result.reason} "
                   f"(exit code {result.exit_code}, {result.wall_time:.3f} s)", file=out)

@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyvmm.devices.spec import DeviceSpec, HostContext, Kind, VirtioConfig
+from pyvmm.devices.spec import DeviceSpec, HostContext, Kind, Mode, VirtioConfig
 from pyvmm.devices.virtio.net import check_mac
 from pyvmm.errors import BackendError, ConfigError
 from pyvmm.schema import option
@@ -110,9 +110,11 @@ def create_net(cfg: VhostUserNetConfig, ctx: HostContext) -> VhostUserFrontend:
 BLK_SPEC = DeviceSpec("vhost-user-blk", VhostUserBlkConfig, Kind.VIRTIO, create_blk,
                       "virtio-blk served by a vhost-user backend in another process",
                       option="disk", select=("if", "vhost-user"), positional="socket",
-                      exportable=False, doc="vhost-user-frontend")
+                      exportable=False, doc="vhost-user-frontend",
+                      mode=Mode.OUT_OF_PROCESS)
 NET_SPEC = DeviceSpec("vhost-user-net", VhostUserNetConfig, Kind.VIRTIO, create_net,
                       "virtio-net served by a vhost-user backend in another process",
                       option="net", select=("model", "vhost-user"), positional="socket",
-                      exportable=False, doc="vhost-user-frontend")
+                      exportable=False, doc="vhost-user-frontend",
+                      mode=Mode.OUT_OF_PROCESS)
 

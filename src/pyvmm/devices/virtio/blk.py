@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvmm.backends.block import BlockBackend, skip_buffers
 from pyvmm.backends.io_pool import IoPool
-from pyvmm.devices.spec import DeviceSpec, DiskConfig, HostContext, Kind, VirtioConfig
+from pyvmm.devices.spec import DeviceSpec, DiskConfig, HostContext, Kind, LimitsConfig, VirtioConfig
 from pyvmm.devices.virtio.core import VirtioDevice
 from pyvmm.devices.virtio.queue import Descriptor, DescriptorChain, Virtqueue, VirtqueueError
 from pyvmm.errors import GuestMemoryError
 from pyvmm.memory import GuestMemory
+from pyvmm.sharing.ratelimit import Limiter, Limits, RateGroup
 from pyvmm.uapi import virtio as V
 
 SEG_MAX = 126
@@ -60,8 +62,17 @@ class VirtioBlk(VirtioDevice):
     queue_max_sizes = (256,)
 
     def __init__(self, backend: BlockBackend, serial: str = "pyvmm-disk",
-                 pool: IoPool | None = None) -> None:
+                 pool: IoPool | None = None, limits: Limits | None = None,
+                 call_later: Callable[[float, Callable[[], None]], object] | None = None,
+                 group: RateGroup | None = None) -> None:
         super().__init__()
+        # Rate limits (operations and bytes, with bursts; alone or in a shared group):
+        # a request waits in the ring until its turn, nothing is dropped.
+        self.limiter: Limiter | None = None
+        if limits is not None and (any(v is not None for v in limits) or group is not None):
+            if call_later is None:
+                raise ValueError("a rate-limited disk needs call_later")
+            self.limiter = Limiter(limits, call_later, self._resume, group)
         self.backend = backend
         self.pool = pool  # None: every request is served inline
         self.deferred = 0  # requests handed to the pool because they would block
@@ -90,19 +101,40 @@ class VirtioBlk(VirtioDevice):
         return bytes(cfg)
 
     def metrics(self) -> dict[str, int]:
-        return {**super().metrics(), "deferred_to_io_pool": self.deferred}
+        m = {**super().metrics(), "deferred_to_io_pool": self.deferred}
+        if self.limiter is not None:
+            m["throttled"] = self.limiter.throttled
+        return m
 
     def process_queue(self, index: int) -> None:
         vq, mem = self.queue(index), self.mem
         assert mem is not None
-        while (chain := vq.pop()) is not None:
+        lim = self.limiter
+        while True:
+            if lim is not None and not lim.admit():
+                return  # _resume goes on when the limits allow
+            chain = vq.pop()
+            if chain is None:
+                return
             descs = chain.descriptors()
+            if lim is not None:  # what a request moves: all but its header and status
+                lim.charge(sum(d.len for d in descs[1:-1]))
             if len(descs) == 3 and self._fast(mem, descs, vq, chain):
                 continue
             written = self._request(mem, descs, vq, chain)
             if written is not None:
                 self.requests += 1
                 self.complete(vq, chain, written)
+
+    def _resume(self) -> None:
+        """A limiter's timer (the event loop): serve what waited, as a kick would."""
+        with self.core_lock:
+            if self.mem is None or not self.queues or self.queues[0] is None:
+                return  # reset meanwhile: nothing waits any more
+            try:
+                self.process_queue(0)
+            except Exception as e:
+                self.fail(0, e)
 
     def _fast(self, mem: GuestMemory, descs: list[Descriptor], vq: Virtqueue,
               chain: DescriptorChain) -> bool:
@@ -323,13 +355,13 @@ class VirtioBlk(VirtioDevice):
 
 # --- registry entry ---------------------------------------------------------------------
 @dataclass(kw_only=True)
-class BlkConfig(VirtioConfig, DiskConfig):
+class BlkConfig(VirtioConfig, DiskConfig, LimitsConfig):
     """A raw image behind virtio-blk (VIRTIO_BLK_F_RO when read-only)."""
 
 
 def create(cfg: BlkConfig, ctx: HostContext) -> VirtioBlk:
     return VirtioBlk(cfg.open(ctx), serial=cfg.serial or f"pyvmm-disk{ctx.index}",
-                     pool=ctx.io_pool())
+                     pool=ctx.io_pool(), limits=cfg.limits(), call_later=ctx.events.call_later)
 
 
 SPEC = DeviceSpec("virtio-blk", BlkConfig, Kind.VIRTIO, create,
