@@ -145,3 +145,47 @@ def test_vf_rate_limit_holds_commands_in_the_queue(
     assert h.take(1) is not None and h.take(1) is not None
     assert c.metrics()["throttled"] == c.limiter.throttled and c.bytes == 5 * 512
     base.close()
+
+
+@pytest.mark.parametrize("extra,want", [
+    (["--vfs", "2", "--socket", "S0"], "needs 2 --socket"),
+    (["--vfs", "2", "--socket", "S0", "--socket", "S0"], "a socket of its own"),
+    (["--vfs", "0", "--socket", "S0"], "needs 0 --socket"),
+    (["--vfs", "1", "--socket", "S0"], "NVMe's"),  # with --device virtio-blk
+    (["--vfs", "4", "--socket", "S0", "--socket", "S1", "--socket", "S2", "--socket", "S3"],
+     "at least 1 MiB"),  # an image 512 bytes short of 4 MiB
+    (["--vfs", "2", "--socket", "S0", "--socket", "S1", "--vf-size", "3M"],
+     "do not fit in the image"),
+    (["--vfs", "2", "--socket", "S0", "--socket", "S1", "--vf-size", "1.5M"],
+     "is not a size"),
+    (["--vfs", "2", "--socket", "S0", "--socket", "S1", "--vf-limit", "iops=1",
+      "--vf-limit", "none", "--vf-limit", "none"], "once per VF"),
+    (["--vfs", "2", "--socket", "S0", "--socket", "S1", "--vf-limit", "iops=0"],
+     "positive"),
+    (["--socket", "S0", "--vf-size", "1M"], "need --vfs"),
+])
+def test_vf_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      extra: list[str], want: str) -> None:
+    from pyvmm.cli import EXIT_CONFIG, main
+
+    img = tmp_path / "i.img"
+    img.write_bytes(bytes(4 * MiB if "at least" not in want else 4 * MiB - 512))
+    dev = "virtio-blk" if want == "NVMe's" else "nvme"
+    argv = ["backend", "vfio-user", "--device", dev, "--disk", str(img)]
+    argv += [str(tmp_path / a) if a in ("S0", "S1", "S2", "S3") else a for a in extra]
+    assert main(argv) == EXIT_CONFIG
+    err = capsys.readouterr().err.strip()
+    assert want in err and "\n" not in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.img"]  # no socket left
+
+
+def test_slice_size_splits_in_whole_blocks() -> None:
+    from pyvmm.vfio_user.vfs import slice_size
+
+    assert slice_size(4 * MiB + 1000, 4, None) == MiB  # the remainder is no VF's
+    assert slice_size(3 * MiB + 1536, 3, None) == MiB + 512
+    assert slice_size(8 * MiB, 2, 3 * MiB) == 3 * MiB
+    with pytest.raises(ConfigError):
+        slice_size(8 * MiB, 2, 3 * MiB + 100)
+    with pytest.raises(ConfigError):
+        slice_size(8 * MiB, 65, None)
