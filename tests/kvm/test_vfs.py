@@ -122,3 +122,82 @@ def test_four_vms_on_four_vfs_of_one_nvme_process(guests: Path, sockdir: Path,
     text = log.read_text()
     for i in range(VFS):
         assert f"pyvmm: VF {i} {socks[i]}: LBAs {i * VF_SIZE // 512}+{VF_SIZE // 512}" in text
+
+
+def test_a_vf_client_dying_leaves_the_others_going(guests: Path, sockdir: Path,
+                                                   tmp_path: Path) -> None:
+    """On VF 0: a client that sends a malformed stream and vanishes, then a VM killed
+    (SIGKILL) whenever it happens to be; meanwhile VF 1's VM runs its whole driver and
+    passes. Then a new VM on VF 0 passes too: the function outlives its clients."""
+    import select
+    import signal
+    import socket
+    import time
+
+    img = tmp_path / "shared.img"
+    before = os.urandom(2 * VF_SIZE)
+    img.write_bytes(before)
+    socks = [sockdir / "vf0", sockdir / "vf1"]
+    stats, log = tmp_path / "pf.json", tmp_path / "backend.log"
+    args = ["backend", "vfio-user", "--device", "nvme", "--disk", str(img), "--vfs", "2",
+            "--socket", str(socks[0]), "--socket", str(socks[1]), "--stats-json", str(stats)]
+    with log.open("wb") as lf:
+        backend = subprocess.Popen(pyvmm_cmd(*args), stdout=subprocess.DEVNULL, stderr=lf)
+
+    def vm(sock: Path, seed: int, *extra: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            pyvmm_cmd("run", "--timeout", "150", "--kernel", str(guests / "nvme.elf"),
+                      "--device", f"vfio-user,socket={sock}",
+                      "--cmdline", f"seed={seed} spin=4000000000 {' '.join(extra)}"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        assert all(wait_for_path(s) for s in socks), log.read_text()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(str(socks[0]))
+            c.sendall(b"\xff" * 64)  # not a vfio-user header: that session closes
+        victim = vm(socks[0], 0x33, "bench=4096")  # a long run, to be killed
+        procs.append(victim)
+        other = vm(socks[1], 0x55)
+        procs.append(other)
+        # Killed once its driver has the controller's I/O queues (so it has a session),
+        # wherever it then is: writing, reading, or in its benchmark.
+        assert victim.stdout is not None
+        seen = ""
+        deadline = time.monotonic() + 120
+        while "ok create I/O SQ 1" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([victim.stdout], [], [], 1.0)
+            if ready:
+                line = victim.stdout.readline()
+                if not line:
+                    break  # it ended: the assertion below says how
+                seen += line
+        assert "ok create I/O SQ 1" in seen, seen[-2000:]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        out, err = other.communicate(timeout=300)
+        assert other.returncode == 0 and "nvme: all passed" in out, out[-2000:] + err
+        again = vm(socks[0], 0x66)
+        procs.append(again)
+        out0, err0 = again.communicate(timeout=300)
+        assert again.returncode == 0 and "nvme: all passed" in out0, out0[-2000:] + err0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        backend.terminate()
+        backend.wait(timeout=30)
+    assert backend.returncode == 0, log.read_text()
+    data = img.read_bytes()
+    for i, seed in ((0, 0x66), (1, 0x55)):  # the last writer of each slice
+        sl = data[i * VF_SIZE:(i + 1) * VF_SIZE]
+        assert sl[1024 * 512:1024 * 512 + 65536] == xored(pattern(65536, 99), seed), i
+        for b in range(16):
+            assert sl[4096 * b:4096 * (b + 1)] == xored(pattern(4096, b), seed), (i, b)
+    vfs = json.loads(stats.read_text())["vfs"]
+    # VF 0: the malformed client, the killed VM and the new one, each its own session
+    # (and its own controller); VF 1: its one VM, which never noticed.
+    assert [v["sessions"] for v in vfs] == [3, 1]
+    assert vfs[1]["bytes"] == GUEST_BYTES and vfs[0]["bytes"] >= GUEST_BYTES
