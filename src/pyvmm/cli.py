@@ -523,7 +523,7 @@ def _vf_stats(rep: dict[str, Any], path: str | None) -> None:
     import json
 
     for vf in rep["vfs"]:
-        lim = ",".join(f"{k}={v:g}" for k, v in vf["limits"].items()) or "none"
+        lim = ",".join(f"{k}={v}" for k, v in vf["limits"].items()) or "none"
         print(f"pyvmm: VF {vf['vf']} {vf['socket']}: LBAs {vf['offset'] // 512}+"
               f"{vf['size'] // 512}, {vf['sessions']} session(s), {vf['commands']} "
               f"commands, {vf['bytes']} bytes, {vf['failures']} failed, "
