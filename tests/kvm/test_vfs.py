@@ -5,8 +5,8 @@ trying one write and one read at the first LBA past its namespace (oob=1), which
 the image is the next VF's first block. The host then checks that every slice holds
 only its VM's pattern and the rest of the image is untouched, that each VM saw LBA Out
 of Range (0x80, generic, DNR), and that the physical function's report lists the four
-VFs with their counters (and VF 3's rate limit at work). Seccomp: the default
-(enforce), for the backend and the VMs."""
+VFs with their counters (and VF 3's rate limit at work). Both irqchips; seccomp: the
+default (enforce), for the backend and the VMs."""
 
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def sockdir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.parametrize("chip", ["kernel", "split"])
 def test_four_vms_on_four_vfs_of_one_nvme_process(guests: Path, sockdir: Path,
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, chip: str) -> None:
     img = tmp_path / "shared.img"
     before = os.urandom(VFS * VF_SIZE + TAIL)
     img.write_bytes(before)
@@ -69,7 +70,7 @@ def test_four_vms_on_four_vfs_of_one_nvme_process(guests: Path, sockdir: Path,
             # polling budget must outlast that on a loaded host.
             vms.append(subprocess.Popen(
                 pyvmm_cmd("run", "--timeout", "150", "--kernel", str(guests / "nvme.elf"),
-                          "--device", f"vfio-user,socket={s}",
+                          "--irqchip", chip, "--device", f"vfio-user,socket={s}",
                           "--cmdline", f"seed={SEEDS[i]} oob=1 spin=4000000000"),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         outs = [vm.communicate(timeout=300) for vm in vms]
