@@ -19,7 +19,7 @@ from pyvmm.irq.msi import RecordingMsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.sharing.ratelimit import Limits
 from pyvmm.uapi import nvme as N
-from tests.unit.test_nvme import BUF, Host, mem  # noqa: F401  (mem is a fixture)
+from tests.unit.test_nvme import BUF, LIST, Host, mem  # noqa: F401  (mem is a fixture)
 
 MiB = 1 << 20
 SLICE = MiB  # four slices of 1 MiB = 2048 blocks each
@@ -189,3 +189,52 @@ def test_slice_size_splits_in_whole_blocks() -> None:
         slice_size(8 * MiB, 2, 3 * MiB + 100)
     with pytest.raises(ConfigError):
         slice_size(8 * MiB, 65, None)
+
+
+def test_no_command_of_a_vf_reaches_outside_its_slice(tmp_path: Path) -> None:
+    """Random reads, writes, write-zeroes and deallocates, LBAs anywhere in 64 bits
+    (mostly near the slice's edges): the bytes before and after the window never change,
+    and what fails, fails with LBA Out of Range (or Invalid Field for size over MDTS)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    img = tmp_path / "h.img"
+    before = os.urandom(3 * SLICE)
+    img.write_bytes(before)
+    base = RawBlockBackend(str(img))
+    m = GuestMemory([(0, 4 * MiB)])
+    c = NvmeController(SliceBackend(base, SLICE, SLICE), m, RecordingMsiSink())
+    h = Host(c, m)
+    h.io_pair()
+    m.write(BUF, os.urandom(128 << 10))
+    import struct
+
+    m.write(LIST, struct.pack("<64Q", *(BUF + 4096 * i for i in range(1, 65))))
+    blocks = SLICE // 512
+    edge = st.integers(-300, 300).map(lambda d: max(0, blocks + d))
+    lba = st.one_of(edge, st.integers(0, blocks), st.integers(0, (1 << 64) - 1))
+    ops = st.sampled_from([N.nvme_cmd_read, N.nvme_cmd_write, N.nvme_cmd_write_zeroes,
+                           N.nvme_cmd_dsm])
+    allowed = {0, N.NVME_SC_LBA_RANGE | N.NVME_SC_DNR, N.NVME_SC_INVALID_FIELD | N.NVME_SC_DNR}
+
+    @settings(max_examples=150, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(op=ops, slba=lba, nlb=st.integers(1, 300))
+    def one(op: int, slba: int, nlb: int) -> None:
+        if op == N.nvme_cmd_dsm:  # one range, in a list at BUF + 64 KiB
+            m.write(BUF + (64 << 10), struct.pack("<IIQ", 0, nlb, slba))
+            h.put(1, op, 1, BUF + (64 << 10), 0, 0, N.NVME_DSMGMT_AD)
+        else:
+            # PRP2: the second page, or a list of the pages after the first
+            prp2 = BUF + 4096 if nlb * 512 <= 8192 else LIST
+            h.put(1, op, 1, BUF, prp2, slba & 0xFFFFFFFF, slba >> 32, nlb - 1)
+        e = h.take(1)
+        assert e is not None and e[1] in allowed, (op, slba, nlb, e)
+        if slba + nlb > blocks:
+            assert e[1] == N.NVME_SC_LBA_RANGE | N.NVME_SC_DNR
+
+    one()
+    base.close()
+    m.close()
+    data = img.read_bytes()
+    assert data[:SLICE] == before[:SLICE] and data[2 * SLICE:] == before[2 * SLICE:]
