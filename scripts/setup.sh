@@ -8,7 +8,8 @@ cd "$ROOT"
 
 APT_PKGS=(gcc binutils make libc6-dev linux-libc-dev python3 python3-venv python3-dev
           qemu-system-x86 acpica-tools iproute2 fio debootstrap util-linux libseccomp2
-          chromium chromium-driver)  # the last two: the web page's browser test
+          chromium chromium-driver  # these two: the web page's browser test
+          console-setup-linux)  # the PSF font VGA text mode is drawn with
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,10 @@
  * (4 KiB commands and a 64 KiB one that needs a PRP list), reads it back, flushes,
  * then checks that bad commands fail with the spec's status and leave the controller
  * working. bench=N then times N 4 KiB reads at QD1 (TSC cycles, p50/p99).
+ * seed=N XORs every byte written with N (a per-VM pattern when several guests share
+ * one image through NVMe virtual functions; default 0, the plain pattern); oob=1 also
+ * writes and reads 4 KiB at LBA NSZE (the first block past the namespace, which on a
+ * VF is the next VF's first block) and prints each status: LBA Out of Range.
  * Prints "ok <step>" per step; any failure exits with code 1. */
 #include "pci.h"
 
@@ -11,6 +15,7 @@
 /* Polling budget per wait; spin= raises it (a device in another process, on a loaded
  * host, may take longer than an emulated one to answer a posted doorbell). */
 static u64 SPIN = 50000000ul;
+static u8 SEED;
 
 struct sqe { u32 cdw0, nsid, rsvd[2]; u64 mptr, prp1, prp2; u32 cdw10, cdw11, cdw12, cdw13, cdw14, cdw15; };
 
@@ -92,7 +97,7 @@ static int rw(int write, u64 slba, u32 nblocks, void *buf)
 static void pattern(u8 *b, u32 n, u32 seed)
 {
     for (u32 i = 0; i < n; i++)
-        b[i] = (u8)(i * 13 + seed * 7 + 1);
+        b[i] = (u8)(i * 13 + seed * 7 + 1) ^ SEED;
 }
 
 static u32 find_nvme(void)
@@ -132,6 +137,7 @@ int main(void)
     uart_init();
     irq_init();
     SPIN = arg_u64("spin", SPIN);
+    SEED = (u8)arg_u64("seed", 0);
     lapic_enable();
     u32 dev = find_nvme();
     pci_write16(0, dev, 0, 4, pci_read16(0, dev, 0, 4) | 6);  /* memory + bus master */
@@ -236,6 +242,19 @@ int main(void)
     printf("nvme prp-outside-ram status=%x\n", st);
     bad.cdw0 = 0x02; bad.nsid = nn + 1; bad.prp1 = (u64)rbuf;
     expect(submit(&ioq, bad), 0x400b, "read of NSID NN+1: Invalid Namespace");
+    if (arg_u64("oob", 0)) {
+        pattern(wbuf, 4096, 7);
+        int ws = rw(1, nsze, 8, wbuf);
+        printf("nvme oob-write lba=%lu status=%x\n", nsze, ws);
+        expect(ws, 0x4080, "write at LBA NSZE: LBA Out of Range");
+        memset(rbuf, 0, 4096);
+        int rs = rw(0, nsze, 8, rbuf);
+        printf("nvme oob-read lba=%lu status=%x\n", nsze, rs);
+        expect(rs, 0x4080, "read at LBA NSZE: LBA Out of Range");
+        for (u32 i = 0; i < 4096; i++)
+            if (rbuf[i])
+                fail("an out-of-range read returned data");
+    }
     wreg(0x1000 + 8 * 3, 1);                     /* doorbell of a queue that does not exist */
     wreg(0x1000, 200);                           /* admin SQ tail beyond its size */
     check(!(reg(0x1c) & 2), "bad doorbells ignored, controller not fatal");

@@ -141,7 +141,16 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
                    help="vhost-user-blk: buckets shared by all sockets, taken in turns "
                    "(one request each while several wait)")
     b.add_argument("--stats-json", metavar="PATH", help="vhost-user-blk: on stop, write "
-                   "per-socket requests, bytes, throughput and Jain's fairness index here")
+                   "per-socket requests, bytes, throughput and Jain's fairness index here; "
+                   "vfio-user --vfs: the per-VF counters")
+    b.add_argument("--vfs", type=int, metavar="N", help="vfio-user nvme: offer N virtual "
+                   "functions of one controller process, one --socket each, each with its "
+                   "own queues and its own slice of the one --disk as its namespace")
+    b.add_argument("--vf-size", metavar="SIZE", help="vfio-user --vfs: each VF's namespace "
+                   "(e.g. 64M; default: the image split in N equal parts)")
+    b.add_argument("--vf-limit", action="append", metavar="iops=N,bps=N[,...]",
+                   help="vfio-user --vfs: token buckets of a VF; once for all VFs, or once "
+                   "per VF in --socket order ('none' for no limit)")
     b.add_argument("--seccomp", choices=[m.value for m in SeccompMode],
                    default=SeccompMode.ENFORCE.value, help="the process's system-call "
                    "allow-list once it is set up (docs/security.md; default enforce)")
@@ -417,8 +426,12 @@ def _vfio_user(a: argparse.Namespace) -> int:
     from pyvmm.memory import GuestMemory
     from pyvmm.vfio_user.server import VfioUserServer
 
+    if a.vfs is not None:
+        return _vfio_user_vfs(a)
+    if a.vf_size is not None or a.vf_limit:
+        raise ConfigError("--vf-size and --vf-limit need --vfs N")
     if len(a.socket) != 1:
-        raise ConfigError("vfio-user serves one --socket")
+        raise ConfigError("vfio-user serves one --socket (or one per VF with --vfs)")
     events = EventManager()
     name, _, rest = a.device.partition(",")
     if name == "pci-testdev":
@@ -461,6 +474,71 @@ def _vfio_user(a: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot listen on {a.socket[0]}: {e.strerror}") from None
     return _serve(server, f"vfio-user exporting {name}", a.seccomp)
+
+
+def _vfio_user_vfs(a: argparse.Namespace) -> int:
+    """N NVMe virtual functions over one image (vfio_user/vfs.py), one socket each;
+    the physical function's view printed (and --stats-json written) on stop."""
+    from pyvmm.backends.block import RawBlockBackend
+    from pyvmm.vfio_user.vfs import NvmeFunctions, slice_size
+
+    if a.device != "nvme":
+        raise ConfigError(f"--vfs: virtual functions are NVMe's (--device nvme), not "
+                          f"{a.device!r}")
+    if not a.disk or len(a.disk) != 1:
+        raise ConfigError("--vfs takes one --disk: the image the VFs share")
+    if len(a.socket) != a.vfs:
+        raise ConfigError(f"--vfs {a.vfs} needs {a.vfs} --socket, one per VF "
+                          f"({len(a.socket)} given)")
+    if len(set(a.socket)) != len(a.socket):
+        raise ConfigError("--vfs: every VF needs a socket of its own")
+    vf_size = None
+    if a.vf_size is not None:
+        try:
+            vf_size = schema.parse_size(a.vf_size)
+        except ValueError as e:
+            raise ConfigError(f"--vf-size: {e}") from None
+    limits: list[Limits | None] = []
+    for text in a.vf_limit or []:
+        limits.append(None if text == "none" else _limits(text, "--vf-limit"))
+    if len(limits) == 1:
+        limits = limits * a.vfs
+    if limits and len(limits) != a.vfs:
+        raise ConfigError(f"give --vf-limit once for all VFs or once per VF ({len(limits)} "
+                          f"for {a.vfs} VFs)")
+    if a.stats_json:
+        _check_writable(a.stats_json, "--stats-json")
+    image = RawBlockBackend(a.disk[0], a.readonly)  # checks and locks it first
+    try:
+        size = slice_size(image.size, a.vfs, vf_size)  # one clear line before listening
+        try:
+            pf = NvmeFunctions(image, a.socket, size, limits or None)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on a VF socket: {e.strerror}") from None
+        try:
+            return _serve(pf, f"vfio-user: {a.vfs} NVMe VFs of {size} bytes each over "
+                          f"{a.disk[0]}", a.seccomp)
+        finally:
+            _vf_stats(pf.report(), a.stats_json)
+    finally:
+        image.close()
+
+
+def _vf_stats(rep: dict[str, Any], path: str | None) -> None:
+    import json
+
+    for vf in rep["vfs"]:
+        lim = ",".join(f"{k}={v}" for k, v in vf["limits"].items()) or "none"
+        print(f"pyvmm: VF {vf['vf']} {vf['socket']}: LBAs {vf['offset'] // 512}+"
+              f"{vf['size'] // 512}, {vf['sessions']} session(s), {vf['commands']} "
+              f"commands, {vf['bytes']} bytes, {vf['failures']} failed, "
+              f"{vf['throttled']} throttled, limits {lim}", file=sys.stderr)
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(json.dumps(rep, indent=2) + "\n")
+        except OSError as e:
+            print(f"pyvmm: cannot write --stats-json {path}: {e.strerror}", file=sys.stderr)
 
 
 def _config_ref(a: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ Tests may pass a longer tuple of their own to ``MachineConfig`` and ``Machine``.
 from __future__ import annotations
 
 from pyvmm.devices.assigned import vfio_user
+from pyvmm.devices.display import spec as vga
 from pyvmm.devices.emulated.e1000 import spec as e1000
 from pyvmm.devices.emulated.ide import spec as ide
 from pyvmm.devices.legacy import fw_cfg
@@ -28,6 +29,7 @@ DEVICES: tuple[DeviceSpec, ...] = (
     rng.SPEC,
     fw_cfg.SPEC,
     ide.SPEC,
+    vga.SPEC,
     vfio_user.SPEC,
     e1000.SPEC,
 )

@@ -754,6 +754,67 @@ def vhost_user_frontend(data: bytes) -> None:
         raise Finding(f"the front end let a VMM bug through: {dict(events.errors.counts)}")
 
 
+_FONT: list[object] = []
+
+
+def vga(data: bytes) -> None:
+    """The std VGA at its fixed ranges and BARs: VGA ports (index/data pairs, the
+    attribute flip-flop, the DAC), the DISPI ports, BAR2's MMIO view, the window and the
+    framebuffer (trapped, as without a memslot), with the screen drawn now and then —
+    whatever mode the registers describe. Every read must fit its access; nothing may
+    raise, and no drawing may exceed the framebuffer or the pixel bound."""
+    from pyvmm.devices.display import spec as vga_spec
+    from pyvmm.devices.display.render import MAX_PIXELS, PsfFont, Renderer
+    from pyvmm.devices.display.vga import BAR_MMIO, StdVga
+    from pyvmm.memory import TrackedMemory
+
+    if not _FONT:
+        _FONT.append(PsfFont.load(vga_spec.DEFAULT_FONT))
+    dev = StdVga(TrackedMemory(1 << 20), TrackedMemory(0x20000))
+    try:
+        renderer = Renderer(dev, _FONT[0])  # type: ignore[arg-type]
+        r = Reader(data)
+        draws = 0
+        for _ in range(256):
+            if not r.left():
+                break
+            kind, size = r.int(1) % 8, (1, 2, 4)[r.int(1) % 3]
+            if kind == 0 and draws < 3:
+                draws += 1
+                img = renderer.screen()
+                if img.size[0] * img.size[1] > MAX_PIXELS:
+                    raise Finding(f"vga drew {img.size}")
+                continue
+            if kind == 1:  # a DISPI register: index then value
+                dev.write(0x1CE, 0, 2, r.int(1) % 16)
+                dev.write(0x1CE, 1, 2, r.int(2))
+                continue
+            if kind == 2:
+                off, write = r.int(2) % 0x1000, r.int(1) & 1
+                if write:
+                    dev.write_bar(BAR_MMIO, off, size, r.int(size))
+                else:
+                    v = dev.read_bar(BAR_MMIO, off, size)
+                    if not 0 <= v < 1 << (8 * size):
+                        raise Finding(f"vga BAR2 read {v:#x} for {size} bytes")
+                continue
+            base, span = ((0x3B0, 0x30), (0x1CE, 2), (0xA0000, 0x20000))[kind % 3]
+            off = r.int(3) % span
+            if base == 0x1CE:
+                size = 2
+            if r.int(1) & 1:
+                dev.write(base, off, size, r.int(size))
+            else:
+                v = dev.read(base, off, size)
+                if not 0 <= v < 1 << (8 * size):
+                    raise Finding(f"vga read {v:#x} at {base + off:#x} for {size} bytes")
+        x, y, bpp, line, start = dev.dispi_mode()
+        if dev.dispi_enabled and start + min(y, MAX_PIXELS // max(1, x)) * line > 1 << 20:
+            raise Finding(f"DISPI mode {x}x{y}x{bpp} at {start} leaves the framebuffer")
+    finally:
+        dev.close()
+
+
 TARGETS: dict[str, Target] = {
     "uart": uart, "pic": pic, "pit": pit, "rtc": rtc, "ioapic": ioapic, "i8042": i8042,
     "fw_cfg": fw_cfg, "pci": pci, "virtqueue": virtqueue, "virtio_blk": virtio_blk,
@@ -762,6 +823,7 @@ TARGETS: dict[str, Target] = {
     "config_json": config_json, "image_loader": image_loader,
     "vhost_user_session": vhost_user_session, "vfio_user_session": vfio_user_session,
     "vhost_user_frontend": vhost_user_frontend, "ide": ide, "e1000": e1000,
+    "vga": vga,
 }
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -847,4 +909,8 @@ def seeds() -> dict[str, list[bytes]]:
         "pci": [bytes([0, 2, 0, 1, 0, 0, 0, 0x80]) * 8],
         "ide": [_ide_seed()],
         "e1000": [_e1000_seed()],
+        # DISPI 640x480x32 with the LFB, a drawing; then text mode back and a drawing.
+        "vga": [b"".join(bytes((1, 0, i)) + v.to_bytes(2, "little") for i, v in
+                         ((1, 640), (2, 480), (3, 32), (4, 0x41))) + bytes((0, 0))
+                + bytes((1, 0, 4, 0, 0, 0, 0))],
     }

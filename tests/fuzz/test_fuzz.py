@@ -31,7 +31,7 @@ def test_there_is_a_target_on_every_surface() -> None:
     for surface in ("virtqueue", "virtio_blk", "virtio_net", "virtio_pci_regs",
                     "virtio_mmio_regs", "pci", "nvme", "uart", "pic", "pit", "rtc", "ioapic",
                     "i8042", "vhost_user_codec", "vhost_user_session", "vfio_user_session",
-                    "vhost_user_frontend", "ide", "e1000",
+                    "vhost_user_frontend", "ide", "e1000", "vga",
                     "config_json", "image_loader"):
         assert surface in targets.TARGETS
 

@@ -24,7 +24,8 @@ STRUCTS = ["kvm_regs", "kvm_sregs", "kvm_segment", "kvm_dtable", "kvm_fpu",
            "kvm_msrs", "kvm_lapic_state", "kvm_irq_level", "kvm_msi", "kvm_irqfd",
            "kvm_ioeventfd", "kvm_enable_cap", "kvm_pit_config", "kvm_irq_routing_entry",
            "kvm_irq_routing", "kvm_mp_state", "kvm_vcpu_events", "kvm_interrupt",
-           "kvm_msr_list", "kvm_irqchip", "kvm_pic_state"]
+           "kvm_msr_list", "kvm_irqchip", "kvm_pic_state", "kvm_dirty_log",
+           "kvm_clear_dirty_log"]
 RUN_FIELDS = {
     "KVM_RUN_IMMEDIATE_EXIT": "immediate_exit", "KVM_RUN_EXIT_REASON": "exit_reason",
     "KVM_RUN_READY_FOR_INTERRUPT_INJECTION": "ready_for_interrupt_injection",

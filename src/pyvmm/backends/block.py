@@ -149,3 +149,47 @@ class RawBlockBackend:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class SliceBackend:
+    """A window ``[offset, offset + length)`` of another backend, seen as a whole disk
+    from 0 to ``length`` — one virtual function's namespace over a shared image.
+    Every request is checked against the window before it reaches the image: one that
+    does not lie wholly inside it is refused (``OSError`` EINVAL) and nothing is read
+    or written, so a bug above (a device model's own range check) still cannot reach
+    another slice. The image is not closed here: its owner shares it."""
+
+    def __init__(self, base: BlockBackend, offset: int, length: int) -> None:
+        if offset < 0 or length < 512 or offset + length > base.size:
+            raise ConfigError(f"slice {offset}+{length} does not fit in an image of "
+                              f"{base.size} bytes (or is under one 512-byte sector)")
+        self.base, self.offset, self.size = base, offset, length
+        self.read_only = base.read_only
+
+    def _at(self, offset: int, length: int) -> int:
+        """The image offset of ``[offset, offset + length)``, or refused."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, f"{offset}+{length} is outside the slice of "
+                          f"{self.size} bytes")
+        return self.offset + offset
+
+    def readv(self, offset: int, bufs: Buffers) -> int:
+        return self.base.readv(self._at(offset, sum(len(b) for b in bufs)), bufs)
+
+    def writev(self, offset: int, bufs: Buffers) -> int:
+        return self.base.writev(self._at(offset, sum(len(b) for b in bufs)), bufs)
+
+    def readv_nowait(self, offset: int, bufs: Buffers) -> int:
+        return self.base.readv_nowait(self._at(offset, sum(len(b) for b in bufs)), bufs)
+
+    def writev_nowait(self, offset: int, bufs: Buffers) -> int:
+        return self.base.writev_nowait(self._at(offset, sum(len(b) for b in bufs)), bufs)
+
+    def flush(self) -> None:
+        self.base.flush()  # the image's: fsync has no range
+
+    def discard(self, offset: int, length: int) -> None:
+        self.base.discard(self._at(offset, length), length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.base.write_zeroes(self._at(offset, length), length)

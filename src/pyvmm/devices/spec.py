@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from pyvmm.event import EventManager
     from pyvmm.irq.line import InterruptLine
     from pyvmm.irq.msi import MsiSink
-    from pyvmm.memory import GuestMemory
+    from pyvmm.memory import GuestMemory, TrackedMemory
 
 T = TypeVar("T")
 
@@ -182,6 +182,13 @@ class HostContext(Protocol):
 
     def cpus(self) -> int:
         """How many vCPUs the guest has."""
+        ...
+
+    def tracked_memory(self, size: int, name: str) -> TrackedMemory:
+        """Device memory the guest maps at memory speed and whose writes the host learns
+        from a dirty log (a display's framebuffer): the VMM's is a dirty-logged KVM
+        memslot wherever the device ``moved()`` it, other hosts' trap and track. Closed
+        with the host."""
         ...
 
     def bar_mapper(self) -> BarMapper | None:

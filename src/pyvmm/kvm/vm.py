@@ -52,6 +52,17 @@ class Vm:
         r = K.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, host_addr)
         ioctl_ptr(self.fd, K.KVM_SET_USER_MEMORY_REGION, r, "KVM_SET_USER_MEMORY_REGION")
 
+    def get_dirty_log(self, slot: int, npages: int) -> bytearray:
+        """The slot's dirty bitmap since the last call (bit i: page i was written), one
+        bit per page, little-endian 64-bit words as KVM writes them. The slot must have
+        been set with KVM_MEM_LOG_DIRTY_PAGES. Without manual protection (the default)
+        KVM clears the log and write-protects the pages again in the same call."""
+        words = (npages + 63) // 64
+        bitmap = (ctypes.c_uint64 * max(1, words))()
+        log = K.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap))
+        ioctl_ptr(self.fd, K.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+        return bytearray(bytes(bitmap)[: (npages + 7) // 8])
+
     def set_tss_addr(self, addr: int) -> None:
         ioctl(self.fd, K.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
 

@@ -47,9 +47,9 @@ from pyvmm.loader.image import Format
 from pyvmm.machine import layout as L
 from pyvmm.machine.config import DeviceEntry, IrqChipKind, MsiPath
 from pyvmm.machine.fastpath import IoeventfdFastPath
-from pyvmm.machine.memslots import MemslotMapper
+from pyvmm.machine.memslots import DirtyLoggedSlots, MemslotMapper
 from pyvmm.machine.pci import build_pci
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import GuestMemory, TrackedMemory
 from pyvmm.uapi import kvm as K
 
 if TYPE_CHECKING:
@@ -120,6 +120,12 @@ class BuildContext:
     def cpus(self) -> int:
         return 1
 
+    def tracked_memory(self, size: int, name: str) -> TrackedMemory:
+        t = TrackedMemory(size, name, DirtyLoggedSlots(self._b.m.memslots))
+        # Before the VM and its memslots go (Machine.close runs closers first).
+        self.on_close(t.close)
+        return t
+
     def bar_mapper(self) -> BarMapper | None:
         return self._b.m.memslots
 
@@ -145,7 +151,8 @@ class Builder:
         m.pio, m.mmio = IoBus(), MmioBus()
         self._board()
         m.fast_path = IoeventfdFastPath(vm, m.events)
-        # Before the devices: an assigned function (vfio-user) maps its BARs with it.
+        # Before the devices: an assigned function (vfio-user) maps its BARs with it, a
+        # display's tracked memory takes dirty-logged memslots from it.
         m.memslots = MemslotMapper(vm, first_slot=len(list(m.mem.regions())))
         pci_devices = self._devices(cfg.devices)
         m.pci = build_pci(m.pio, m.mmio, m.mem, m.irqchip, cfg.pci_testdev, pci_devices,

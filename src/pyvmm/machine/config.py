@@ -86,6 +86,9 @@ class MachineConfig:
                                   "LAPIC in KVM, PIC/IOAPIC/PIT in Python")
     msi: MsiPath = option(MsiPath.IRQFD, "device MSI/MSI-X: irqfd (an irqfd and GSI route per "
                           "vector) or signal (KVM_SIGNAL_MSI per message)")
+    display: str | None = option(None, "write the display's screen as PNG: png:DIR[,every=S] "
+                                 "(every S seconds when it changed, default 1, and at the "
+                                 "stop); needs --device vga", metavar="png:DIR[,every=S]")
     seccomp: SeccompMode = option(SeccompMode.ENFORCE, "per-thread system-call allow-lists "
                                   "(vCPU, event loop, I/O pool): enforce refuses others with "
                                   "EPERM, log only logs them (docs/security.md)")
@@ -122,6 +125,10 @@ class MachineConfig:
             if self.api_socket is None:
                 raise ValueError("web needs api_socket (the web page is the API's)")
             web_address(self.web)
+        if self.display is not None:
+            from pyvmm.machine.display import PngOutput
+
+            PngOutput.parse(self.display)
         for d in self.devices:
             if (getattr(d.config, "backend", None) == "stdio" and self.serial == "stdio"):
                 raise ValueError(f"serial and {d.name} cannot both use stdio")
@@ -139,6 +146,12 @@ class MachineConfig:
             raise ConfigError(f"memory {self.memory >> 20} MiB is more than the host has "
                               f"({hm >> 20} MiB)")
         _check_file("kernel", self.kernel)
+        if self.display is not None:
+            from pyvmm.machine.display import PngOutput
+
+            PngOutput.parse(self.display).validate()
+            if not any(d.name == "vga" for d in self.devices):
+                raise ConfigError("display: the machine has no display (add --device vga)")
         if self.exits_json is not None:
             parent = Path(self.exits_json).parent
             if not parent.is_dir():

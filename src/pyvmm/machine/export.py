@@ -15,7 +15,7 @@ from pyvmm.errors import ConfigError
 from pyvmm.event import EventManager
 from pyvmm.irq.line import InterruptLine
 from pyvmm.irq.msi import MsiSink, RecordingMsiSink
-from pyvmm.memory import GuestMemory
+from pyvmm.memory import GuestMemory, TrackedMemory
 
 T = TypeVar("T")
 
@@ -50,6 +50,14 @@ class ExportContext:
 
     def cpus(self) -> int:
         return 1  # the client's; a PCI function is not told
+
+    def tracked_memory(self, size: int, name: str) -> TrackedMemory:
+        # Served over the socket: every guest access arrives as a region access and
+        # marks its page (a mappable region with a dirty-page log is vfio-user's
+        # DIRTY_PAGES extension, not implemented).
+        t = TrackedMemory(size, name)
+        self.on_close(t.close)
+        return t
 
     def bar_mapper(self) -> BarMapper | None:
         return None  # the client maps what bar_memory offers (mmap'able regions)

@@ -37,6 +37,10 @@ KVM_TSS_ADDR = 0xFFFBD000
 # --- RAM ---------------------------------------------------------------------------------
 PCI_HOLE_START = 0xC0000000  # RAM above this is remapped above 4 GiB
 RAM_ABOVE_4G = 1 << 32
+HIGH_MEMORY_START = 0x100000
+
+# --- the legacy VGA window (decoded by a display when one is configured) -----------------
+VGA_WINDOW_BASE, VGA_WINDOW_SIZE = 0xA0000, 0x20000  # 0xA0000-0xBFFFF
 
 # --- devices -----------------------------------------------------------------------------
 COM1_BASE, COM1_GSI = 0x3F8, 4
@@ -105,8 +109,24 @@ def virtio_mmio_slots() -> list[tuple[int, int]]:
             for i in range(VIRTIO_MMIO_SLOTS)]
 
 
-def ram_layout(size: int) -> list[tuple[int, int]]:
-    """(guest address, size) of RAM regions for ``size`` bytes of guest memory."""
-    if size <= PCI_HOLE_START:
-        return [(0, size)]
-    return [(0, PCI_HOLE_START), (RAM_ABOVE_4G, size - PCI_HOLE_START)]
+def ram_layout(size: int, holes: tuple[tuple[int, int], ...] = ()) -> list[tuple[int, int]]:
+    """(guest address, size) of RAM regions for ``size`` bytes of guest memory.
+
+    ``holes`` are (base, size) ranges below 1 MiB that a configured device decodes
+    itself and that must not be RAM (KVM memslots cannot overlap): the VGA window
+    0xA0000-0xBFFFF when a display is configured. They lie in the e820-reserved legacy
+    area, so no guest was told it is RAM; without a display that area stays RAM, as
+    before (one memslot)."""
+    low = min(size, PCI_HOLE_START)
+    regions: list[tuple[int, int]] = []
+    at = 0
+    for base, n in sorted(holes):
+        if not (at <= base and base + n <= HIGH_MEMORY_START < low):
+            raise ValueError(f"RAM hole {base:#x}+{n:#x} is not below 1 MiB or overlaps")
+        if base > at:
+            regions.append((at, base - at))
+        at = base + n
+    regions.append((at, low - at))
+    if size > PCI_HOLE_START:
+        regions.append((RAM_ABOVE_4G, size - PCI_HOLE_START))
+    return regions

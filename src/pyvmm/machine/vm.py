@@ -141,7 +141,10 @@ class Machine:
         self.virtio: list[VirtioPciDevice] = []
         self.virtio_mmio: list[VirtioMmioDevice] = []
         self.vm = Vm(self.kvm)
-        self.mem = GuestMemory(L.ram_layout(cfg.memory))
+        # Below 1 MiB, a device's fixed MMIO range (the VGA window) is its own, not RAM.
+        holes = tuple(sorted({(r.base, r.size) for e in cfg.devices for r in e.spec.isa
+                              if r.space == "mmio" and r.base < L.HIGH_MEMORY_START}))
+        self.mem = GuestMemory(L.ram_layout(cfg.memory, holes))
         try:
             Builder(self).build()
         except BaseException:
@@ -213,15 +216,30 @@ class Machine:
         loop = threading.Thread(target=self._event_loop_thread, args=(t0,),
                                 name="event-loop", daemon=True)
         proc0 = time.process_time()
+        # --display: drawn and written on this (unfiltered) thread between its waits, not
+        # on the event loop, whose seccomp filter allows no file creation.
+        screens = None
+        if self.cfg.display is not None:
+            from pyvmm.machine.display import PngOutput, ScreenWriter
+
+            screens = ScreenWriter(self, PngOutput.parse(self.cfg.display))
         thread.start()
         loop.start()
         try:
             while loop.is_alive():
-                loop.join(0.5)  # a timed wait: Ctrl-C and SIGTERM get through
+                # A timed wait: Ctrl-C and SIGTERM get through, and the screen is due.
+                loop.join(0.5 if screens is None else min(0.5, screens.due()))
+                if screens is not None and loop.is_alive():
+                    screens.tick()
         except KeyboardInterrupt:
             self.stop("interrupted", 130, "interrupted")
             loop.join(VCPU_STOP_GRACE_S)
         self._join_vcpu(thread)
+        if screens is not None and not self.vcpu_stuck:
+            try:
+                screens.write()  # the screen as the guest left it
+            except OSError as e:
+                self.result_note(f"display: cannot write a PNG: {e.strerror}")
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         self.state = VmState.STOPPED
@@ -310,6 +328,27 @@ class Machine:
             pass  # the loop injects pending PIC interrupts before re-entering
         else:
             self.guest_errors.warn(f"exit:{type(e).__name__}", f"unhandled exit {e}")
+
+    def result_note(self, text: str) -> None:
+        if self.result is not None:
+            self.result.message += f"; {text}"
+
+    # --- the screen --------------------------------------------------------------------
+    def display(self) -> Any:
+        """The machine's display device (a ``StdVga``), or None."""
+        for _, spec, dev in self.devices:
+            if spec.name == "vga":
+                return dev
+        return None
+
+    def screen(self) -> Any:
+        """The display's screen as a Pillow RGB image (text mode drawn with the console
+        font, framebuffer modes as they are), redrawn where the dirty log says; callable
+        in any state, from any thread that does not race another ``screen()``."""
+        dev = self.display()
+        if dev is None:
+            raise ConfigError("the machine has no display (--device vga)")
+        return dev.screen()
 
     # --- reporting -------------------------------------------------------------------
     def exit_report(self) -> dict[str, Any]:

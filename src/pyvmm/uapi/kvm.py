@@ -59,6 +59,7 @@ KVM_CAP_IRQFD_RESAMPLE = 82
 KVM_CAP_SPLIT_IRQCHIP = 121
 KVM_CAP_X2APIC_API = 129
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 
 CAP_NAMES = {v: k for k, v in globals().items() if k.startswith("KVM_CAP_")}
 
@@ -139,6 +140,24 @@ class kvm_userspace_memory_region(C.Structure):
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+
+
+class kvm_dirty_log(C.Structure):
+    # The union { void *dirty_bitmap; __u64 padding2; } as its u64: the bitmap's address.
+    _fields_ = [
+        ("slot", C.c_uint32),
+        ("padding1", C.c_uint32),
+        ("dirty_bitmap", C.c_uint64),
+    ]
+
+
+class kvm_clear_dirty_log(C.Structure):
+    _fields_ = [
+        ("slot", C.c_uint32),
+        ("num_pages", C.c_uint32),
+        ("first_page", C.c_uint64),
+        ("dirty_bitmap", C.c_uint64),
+    ]
 
 
 class kvm_cpuid_entry2(C.Structure):
@@ -443,6 +462,7 @@ KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
 KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
 # vm
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, kvm_dirty_log)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, C.c_uint64)
@@ -456,6 +476,7 @@ KVM_CREATE_PIT2 = _IOW(KVMIO, 0x77, kvm_pit_config)
 KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, kvm_enable_cap)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
+KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xC0, kvm_clear_dirty_log)
 # vcpu
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, kvm_regs)

@@ -21,11 +21,18 @@ doorbells for queues that do not exist or with out-of-range values (ignored, log
 once); submit unknown opcodes, bad fields, LBAs past the end or transfers over MDTS
 (each fails with the spec's status, DNR set). A command costs at most MDTS bytes of
 I/O and a bounded PRP walk.
+
+With ``limits`` (a virtual function's, ``vfio_user/vfs.py``) I/O commands pass token
+buckets (``sharing/ratelimit.py``): when they are empty the controller stops fetching
+from its I/O submission queues — the commands wait in the guest's queue, nothing is
+dropped — and goes on from the limiter's timer. Every I/O command is charged one
+operation and its bytes, failed ones too (a flood of bad commands is limited as well).
 """
 
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +53,7 @@ from pyvmm.errors import GuestMemoryError
 from pyvmm.irq.msi import MsiSink
 from pyvmm.memory import GuestMemory
 from pyvmm.ratelimit_log import OnceLog
+from pyvmm.sharing.ratelimit import Limiter, Limits
 from pyvmm.uapi import nvme as N
 from pyvmm.uapi import pci as P
 
@@ -64,7 +72,9 @@ class NvmeController(PCIDevice):
     name = "nvme"
 
     def __init__(self, backend: BlockBackend, mem: GuestMemory, msi_sink: MsiSink,
-                 serial: str = "pyvmm-nvme0") -> None:
+                 serial: str = "pyvmm-nvme0", limits: Limits | None = None,
+                 call_later: Callable[[float, Callable[[], None]], object] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.backend, self.mem = backend, mem
         self.serial = serial
@@ -78,11 +88,19 @@ class NvmeController(PCIDevice):
         self.errors = OnceLog()
         self.commands = 0
         self.bytes = 0
+        self.failures = 0  # commands completed with an error status
+        self._io_bytes = 0  # what the last I/O command moved, for the limiter
+        self.limiter: Limiter | None = None
+        if limits is not None and any(v is not None for v in limits):
+            if call_later is None:
+                raise ValueError("a rate limit needs call_later (the event loop's timer)")
+            self.limiter = Limiter(limits, call_later, self._resume, clock=clock)
         self.reset()
 
     # --- state ------------------------------------------------------------------------
     def metrics(self) -> dict[str, int]:
-        return {"commands": self.commands, "bytes": self.bytes,
+        return {"commands": self.commands, "bytes": self.bytes, "failures": self.failures,
+                "throttled": self.limiter.throttled if self.limiter is not None else 0,
                 "fatal": int(bool(self.csts & N.NVME_CSTS_CFS))}
 
     def reset(self) -> None:
@@ -215,7 +233,10 @@ class NvmeController(PCIDevice):
     def _run(self, sq: SubmissionQueue) -> None:
         cq = sq.cq
         posted = False
+        lim = self.limiter if sq.qid else None  # admin commands are never held
         while sq.head != sq.tail and not cq.full() and not self.csts & N.NVME_CSTS_CFS:
+            if lim is not None and not lim.admit():
+                break  # _resume goes on when the buckets allow
             try:
                 raw = sq.fetch(self.mem)
             except GuestMemoryError as e:
@@ -223,16 +244,20 @@ class NvmeController(PCIDevice):
                 return
             opcode, _flags, cid, nsid, _mptr, prp1, prp2, *cdw = _cmd.unpack(raw)
             self.commands += 1
+            self._io_bytes = 0
             try:
                 out = (self._admin(opcode, nsid, prp1, prp2, cdw) if sq.qid == 0
                        else self._io(opcode, nsid, prp1, prp2, cdw))
             except PrpError as e:
                 out = (e.status, 0)
+            if lim is not None:
+                lim.charge(self._io_bytes)
             if out is None:
                 continue  # held (an async event request)
             status, result = out
             if status:
                 status |= N.NVME_SC_DNR
+                self.failures += 1
             if sq.qid not in self.sqs:  # it deleted itself: no completion queue to post
                 return
             try:
@@ -243,6 +268,14 @@ class NvmeController(PCIDevice):
             posted = True
         if posted:
             self._interrupt(cq)
+
+    def _resume(self) -> None:
+        """The limiter's timer (the event loop): serve what waited, as a doorbell would."""
+        if not self.csts & N.NVME_CSTS_RDY:
+            return  # reset or disabled meanwhile: its queues are gone
+        for sq in list(self.sqs.values()):
+            if sq.qid and sq.qid in self.sqs:
+                self._run(sq)
 
     # --- interrupts -------------------------------------------------------------------
     def _msix_on(self) -> bool:
@@ -400,9 +433,11 @@ class NvmeController(PCIDevice):
                 return N.NVME_SC_NS_WRITE_PROTECTED, 0
             off, n = slba << LBA_SHIFT, nlb << LBA_SHIFT
             if op == N.nvme_cmd_write_zeroes:
+                self._io_bytes = n  # host I/O as a write's, though no data moves
                 return self._host(lambda: self.backend.write_zeroes(off, n))
             if n > 4096 << MDTS:
                 return N.NVME_SC_INVALID_FIELD, 0
+            self._io_bytes = n
             views = prp_views(self.mem, prp1, prp2, n)
             return self._host(lambda: self._transfer(op == N.nvme_cmd_read, off, views, n))
         if op == N.nvme_cmd_dsm:
