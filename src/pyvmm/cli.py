@@ -10,9 +10,19 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
+import pyvmm
 from pyvmm import sandbox, schema
 from pyvmm.devices.spec import DeviceSpec
-from pyvmm.errors import ConfigError, KvmError, KvmUnavailable, PvmProbeError, PyvmmError
+from pyvmm.errors import (
+    EXIT_CONFIG,
+    EXIT_INTERNAL,
+    EXIT_KVM,
+    ConfigError,
+    KvmError,
+    KvmUnavailable,
+    PvmProbeError,
+    PyvmmError,
+)
 from pyvmm.machine.config import MachineConfig, device_entry, load_json_object
 from pyvmm.registry import DEVICES, find
 from pyvmm.sandbox import SeccompMode
@@ -22,8 +32,6 @@ if TYPE_CHECKING:
     from pyvmm.sharing.ratelimit import Limits
 
 EXIT_USAGE = 2
-EXIT_CONFIG = 2
-EXIT_KVM = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,6 +122,7 @@ def device_from_arg(opt: str, text: str, registry: tuple[DeviceSpec, ...] = DEVI
 def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.ArgumentParser:
     p = _Parser(prog="pyvmm", description="A KVM VMM in Python for seeing, measuring and "
                 "changing I/O virtualization.")
+    p.add_argument("--version", action="version", version=f"pyvmm {pyvmm.__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="boot a kernel")
     add_machine_options(r, registry)
@@ -613,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_KVM
     except PyvmmError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

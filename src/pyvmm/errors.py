@@ -67,3 +67,17 @@ class StateError(PyvmmError):
         super().__init__(f"in state {state}, needs {required}")
         self.state = state
         self.required = required
+
+
+# pyvmm run's exit codes. A guest's debug-exit write of v ends the run with (v << 1) | 1,
+# QEMU's isa-debug-exit convention, so every odd code may be the guest's; pyvmm's own
+# are even (README, "Exit codes"). 124/130 follow timeout(1) and the shell; SIGTERM's
+# 143 (128 + 15) is kept by convention although a guest can write 71 for it.
+EXIT_GUEST_STOPPED = 0  # reset, halt, or stopped through the control API
+EXIT_CONFIG = 2  # bad option, config, image or host resource: one line
+EXIT_KVM = 6  # /dev/kvm unusable, or a KVM call the machine needs failed
+EXIT_GUEST_FAULT = 8  # the guest crashed the vCPU: triple fault, KVM internal error
+EXIT_INTERNAL = 10  # a pyvmm bug, contained and reported
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143

@@ -140,3 +140,21 @@ def test_info_devices_lists_the_registry() -> None:
     for spec in DEVICES:
         assert spec.name in p.stdout and spec.summary[:20] in p.stdout
     assert "--disk if=nvme" in p.stdout
+
+
+def test_version_matches_the_package_metadata() -> None:
+    """--version prints the version pyproject.toml declares (one source: the test
+    reads the installed distribution's metadata, the CLI the package's attribute)."""
+    import importlib.metadata
+
+    p = subprocess.run(pyvmm_cmd("--version"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    assert p.stdout.strip() == f"pyvmm {importlib.metadata.version('pyvmm')}"
+
+
+def test_pyvmm_s_own_exit_codes_are_even() -> None:
+    """A guest's debug-exit codes are odd ((v << 1) | 1): pyvmm's own must not be."""
+    from pyvmm import errors
+
+    own = {k: v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    assert own and all(v % 2 == 0 for k, v in own.items() if k != "EXIT_TERMINATED"), own

@@ -27,7 +27,14 @@ from pyvmm.backends.io_pool import IoPool
 from pyvmm.devices.spec import DeviceSpec
 from pyvmm.devices.virtio.transport.mmio import VirtioMmioDevice
 from pyvmm.devices.virtio.transport.pci import VirtioPciDevice
-from pyvmm.errors import ConfigError, KvmError, StateError
+from pyvmm.errors import (
+    EXIT_GUEST_FAULT,
+    EXIT_INTERNAL,
+    EXIT_KVM,
+    ConfigError,
+    KvmError,
+    StateError,
+)
 from pyvmm.event import EventManager
 from pyvmm.event.timerfd import TimerFd
 from pyvmm.irqchip.split import SplitIrqChip
@@ -262,7 +269,7 @@ class Machine:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.stop("timeout", 124, f"no result within {self.cfg.timeout:g} s")
         except Exception as e:  # the loop itself failed (not a callback): report, stop
-            self.stop("error", 1, f"internal error in the event loop: {e!r}")
+            self.stop("error", EXIT_INTERNAL, f"internal error in the event loop: {e!r}")
         finally:
             self.event_loop_cpu = time.thread_time() - cpu0  # device work + host I/O
 
@@ -298,16 +305,17 @@ class Machine:
             run_vcpu(vcpu, self.pio, self.mmio, self.irqchip, self.exit_counts,
                      self.guest_errors, self.flags, self._slow_exit)
         except KvmError as e:
-            self.stop("error", 1, f"KVM_RUN failed: {e}")
+            self.stop("error", EXIT_KVM, f"KVM_RUN failed: {e}")
         except Exception as e:  # a VMM bug: report it, never hang the caller
-            self.stop("error", 1, f"internal error in the vCPU loop: {e!r}")
+            self.stop("error", EXIT_INTERNAL, f"internal error in the vCPU loop: {e!r}")
         finally:
             self.vcpu_thread_cpu = time.thread_time() - cpu0  # guest time included
 
     def _slow_exit(self, e: exits.Exit) -> None:
         if isinstance(e, exits.ShutdownExit):
             r, sr = self.vcpu.get_regs(), self.vcpu.get_sregs()
-            self.stop("shutdown", 1, f"guest triple fault (KVM_EXIT_SHUTDOWN) at rip={r.rip:#x} "
+            self.stop("shutdown", EXIT_GUEST_FAULT,
+                      f"guest triple fault (KVM_EXIT_SHUTDOWN) at rip={r.rip:#x} "
                       f"rsp={r.rsp:#x} cs={sr.cs.selector:#x} rflags={r.rflags:#x}")
         elif isinstance(e, exits.SystemEventExit):
             if e.type == K.KVM_SYSTEM_EVENT_RESET:
@@ -316,9 +324,10 @@ class Machine:
                 self.stop("shutdown", 0, f"guest system event {e.type}")
         elif isinstance(e, exits.InternalErrorExit):
             regs = self.vcpu.get_regs()
-            self.stop("error", 1, f"KVM internal error at rip={regs.rip:#x}: {e.describe()}")
+            self.stop("error", EXIT_GUEST_FAULT,
+                      f"KVM internal error at rip={regs.rip:#x}: {e.describe()}")
         elif isinstance(e, exits.FailEntryExit):
-            self.stop("error", 1, f"KVM entry failed, hardware reason {e.reason:#x}")
+            self.stop("error", EXIT_GUEST_FAULT, f"KVM entry failed, hardware reason {e.reason:#x}")
         elif isinstance(e, exits.HltExit):
             self.stop("shutdown", 0, "guest halted")
         elif isinstance(e, exits.IoapicEoiExit):
