@@ -123,6 +123,12 @@ def build_parser(registry: tuple[DeviceSpec, ...] = DEVICES) -> argparse.Argumen
     p = _Parser(prog="pyvmm", description="A KVM VMM in Python for seeing, measuring and "
                 "changing I/O virtualization.")
     p.add_argument("--version", action="version", version=f"pyvmm {pyvmm.__version__}")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="what pyvmm logs (default warning; -v is info, -vv debug)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log: the host notices (-v), everything (-vv)")
+    p.add_argument("--log-file", metavar="PATH", help="append the log to this file instead "
+                   "of stderr (one-line errors still go to stderr)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="boot a kernel")
     add_machine_options(r, registry)
@@ -586,9 +592,28 @@ def _run_with_api(cfg: MachineConfig, run_machine: Any) -> int:
         server.close()
 
 
+def _setup_logging(a: argparse.Namespace) -> None:
+    level = (a.log_level.upper() if a.log_level else
+             "DEBUG" if a.verbose >= 2 else "INFO" if a.verbose == 1 else "WARNING")
+    if a.log_file:
+        try:
+            handler: logging.Handler = logging.FileHandler(a.log_file, "a")  # asked for
+        except OSError as e:
+            raise ConfigError(f"cannot open --log-file {a.log_file}: {e.strerror}") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s pyvmm: %(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("pyvmm: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="pyvmm: %(message)s")
     args = build_parser().parse_args(argv)
+    try:
+        _setup_logging(args)
+    except ConfigError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         if args.command == "info":
             return _info(args)

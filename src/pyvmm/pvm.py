@@ -12,9 +12,8 @@ with a clear message if any step differs from what was measured.
 from __future__ import annotations
 
 import contextlib
+import logging
 import struct
-import sys
-from typing import TextIO
 
 from pyvmm.errors import KvmError, PvmProbeError
 from pyvmm.kvm import exits
@@ -24,7 +23,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.uapi import kvm as K
 
 PVM_NOTICE = (
-    "pyvmm: /dev/kvm is KVM-PVM (no VT-x/AMD-V): guest CPL3 code runs natively, "
+    "/dev/kvm is KVM-PVM (no VT-x/AMD-V): guest CPL3 code runs natively, "
     "CPL0 and real-mode code run in KVM's instruction emulator (~1M instructions/s)"
 )
 
@@ -32,12 +31,13 @@ _probe_result: bool | None = None
 _notice_shown = False
 
 
-def announce(stream: TextIO | None = None) -> None:
-    """Say once per process that this is PVM."""
+def announce() -> None:
+    """Say once per process, at INFO (``-v``), that this is PVM: every run on this host
+    would otherwise begin with the same warning."""
     global _notice_shown
     if not _notice_shown:
         _notice_shown = True
-        print(PVM_NOTICE, file=stream or sys.stderr)
+        logging.getLogger("pyvmm").info(PVM_NOTICE)
 
 
 # GDT: null, kernel code64, kernel data, user data, user code64, 16-byte TSS.
