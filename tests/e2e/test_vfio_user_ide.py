@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.qemu
 
 SCRIPT = """
-i=0; while [ ! -b /dev/sda ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+i=0; while [ ! -b /dev/sda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 [ -b /dev/sda ] || { dmesg | grep -i -e ata -e scsi | tail -30; exit 10; }
 ls /sys/bus/pci/drivers/ata_piix/ | grep '^0000:' | sed 's/^/BOUND /'
 echo "XFER=$(cat /sys/class/ata_device/dev1.0/xfer_mode)"
