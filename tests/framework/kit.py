@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The kit carries drivers for every device class the e2e tests may meet: virtio, and
-# the emulated NVMe and e1000 an unmodified guest would use.
-MODULES = ["virtio_blk", "virtio_net", "virtio_pci", "virtio_console", "nvme", "e1000"]
+# the emulated NVMe, e1000 and IDE (ata_piix, with sd_mod for its disks) an unmodified
+# guest would use.
+MODULES = ["virtio_blk", "virtio_net", "virtio_pci", "virtio_console", "nvme", "e1000",
+           "ata_piix", "sd_mod"]
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
 

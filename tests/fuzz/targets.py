@@ -475,7 +475,8 @@ def _nvme_registers(data: bytes) -> None:
 # --- protocol codecs and loaders ---------------------------------------------------------
 def ide(data: bytes) -> None:
     """The PIIX3 IDE function with a disk, at its legacy ports and BMIBA as the builder
-    places them, over fuzzer-filled memory where the PRD tables and buffers may be:
+    places them (in native-PCI mode, its channels' BARs too), over fuzzer-filled memory
+    where the PRD tables and buffers may be:
     register accesses of any width (the engine's table pointer, start bit and the
     command register among them), whole sectors through the Data register so data
     phases complete, and config writes (decode, BMIBA, bus mastering). Every read must
@@ -484,7 +485,10 @@ def ide(data: bytes) -> None:
     mem.write(0x10000, data[:4096])  # PRD tables the pointer is steered to
     be = RawBlockBackend(_image())
     try:
-        dev = PiixIde(mem, (RecordingLine(), RecordingLine()))
+        # The last byte's low bit picks native-PCI mode (channels in BAR0-3, one INTx).
+        native = bool(data[-1:] and data[-1] & 1)
+        dev = (PiixIde(mem, None, native=True) if native
+               else PiixIde(mem, (RecordingLine(), RecordingLine())))
         dev.attach(0, 0, AtaDisk(be, 0, serial="FUZZ", model="M", firmware="1",
                                  errors=dev.errors))
         pio, mmio = IoBus(), MmioBus()
@@ -493,6 +497,11 @@ def ide(data: bytes) -> None:
         root = build_pci(pio, mmio, mem, RecordingMsiSink(), False, [dev])
         bm = dev.config.bar_address(4)
         ports = [*range(0x1F0, 0x1F8), 0x3F6, 0x170, 0x177, 0x376, *range(bm, bm + 16)]
+        data_port = 0x1F0
+        if native:
+            bars = [dev.config.bar_address(i) for i in range(4)]
+            data_port = bars[0]
+            ports += [p for i, b in enumerate(bars) for p in range(b, b + (8, 4)[i % 2])]
         r = Reader(data[4096:] if len(data) > 4096 else data)
         for _ in range(256):
             if not r.left():
@@ -504,9 +513,9 @@ def ide(data: bytes) -> None:
                 write, value = bool(r.int(1) & 1), r.int(2)
                 for _ in range(256):
                     if write:
-                        pio.write(0x1F0, 2, value)
+                        pio.write(data_port, 2, value)
                     else:
-                        pio.read(0x1F0, 2)
+                        pio.read(data_port, 2)
             elif kind == 2:
                 off = (4, 0x40, 0x20)[r.int(1) % 3]
                 root.config_write(0, 2, 0, off, 2, r.int(2))

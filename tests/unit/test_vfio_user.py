@@ -150,3 +150,26 @@ def test_client_disconnect_mid_session_leaves_the_server_serving(server: VfioUse
     assert server.sessions == []
     c2 = Client(server)
     assert c2.read(7, 0, 2) == 0x1234
+
+
+def test_intx_fires_again_on_unmask_while_still_asserted(server: VfioUserServer) -> None:
+    """QEMU's EOI (at the next BAR access) drops its pin and sends UNMASK: a line the
+    device still holds high must signal again, one it dropped must not."""
+    c = Client(server)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    err, _ = c.call(P.Command.DEVICE_SET_IRQS, P.IRQ_SET.pack(
+        20, P.VFIO_IRQ_SET_DATA_EVENTFD | P.VFIO_IRQ_SET_ACTION_TRIGGER,
+        P.VFIO_PCI_INTX_IRQ_INDEX, 0, 1), fds=[os.dup(efd)])
+    assert err == 0
+    unmask = P.IRQ_SET.pack(20, P.VFIO_IRQ_SET_DATA_NONE | P.VFIO_IRQ_SET_ACTION_UNMASK,
+                            P.VFIO_PCI_INTX_IRQ_INDEX, 0, 1)
+    assert c.write(7, 4, 2, 0x2) == 0  # memory space
+    assert c.write(0, 0x24, 4, 0x1) == 0  # raise: the level rises
+    assert os.eventfd_read(efd) == 1
+    assert c.call(P.Command.DEVICE_SET_IRQS, unmask)[0] == 0
+    assert os.eventfd_read(efd) == 1  # still asserted: fired again
+    assert c.write(0, 0x28, 4, 0x1) == 0  # ack: the level falls
+    assert c.call(P.Command.DEVICE_SET_IRQS, unmask)[0] == 0
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(efd)
+    os.close(efd)

@@ -94,6 +94,14 @@ ATA_SECONDARY_CMD, ATA_SECONDARY_CTL, ATA_SECONDARY_IRQ = 0x170, 0x376, 15
 PCI_VENDOR_ID_INTEL = 0x8086
 PCI_DEVICE_ID_INTEL_82371SB_1 = 0x7010  # PIIX3 IDE
 PIIX_IDE_CLASS = 0x010180  # mass storage, IDE, ISA compatibility mode + bus master
+# Programming interface (PCI IDE Controller Specification 1.0, 2.1): bit 0 primary and
+# bit 2 secondary in native-PCI mode (their blocks in BAR0/1 and BAR2/3, the function's
+# INTx), bits 1 and 3 "mode programmable" (clear: fixed), bit 7 bus master.
+PCI_IDE_PROGIF_PRI_NATIVE = 1 << 0
+PCI_IDE_PROGIF_SEC_NATIVE = 1 << 2
+PCI_IDE_CMD_BAR_SIZE = 8  # BAR0 / BAR2: the Command Block
+PCI_IDE_CTL_BAR_SIZE = 4  # BAR1 / BAR3: Alternate Status/Device Control at offset 2
+PCI_IDE_CTL_OFFSET = 2
 PIIX_IDETIM_PRI = 0x40  # IDE timing, primary (16 bits)
 PIIX_IDETIM_SEC = 0x42  # IDE timing, secondary
 PIIX_SIDETIM = 0x44  # slave IDE timing

@@ -13,7 +13,8 @@
   not accessible, and DMA there fails as any out-of-RAM address does. DMA_UNMAP removes.
 - DEVICE_SET_IRQS hands eventfds for INTx, MSI or MSI-X; the device's interrupts are
   routed to them while that index is enabled (MSI/MSI-X capability and table
-  emulation stay with the client).
+  emulation stay with the client). INTx signals on a rising level and again on the
+  client's UNMASK while the level is still high (its EOI dropped its pin).
 - DEVICE_RESET resets the device.
 
 Malformed requests (short payloads, unknown regions or IRQ indices, out-of-range
@@ -74,6 +75,12 @@ class EventfdLine:
             if level and not self.level and self.fd is not None:
                 signal_eventfd(self.fd)
             self.level = level
+
+    def resignal(self) -> None:
+        """Signal again if the level is still high (after the client's unmask)."""
+        with self.lock:
+            if self.level and self.fd is not None:
+                signal_eventfd(self.fd)
 
     def pulse(self) -> None:
         with self.lock:
@@ -292,6 +299,12 @@ class Session:
         if index == P.VFIO_PCI_INTX_IRQ_INDEX:
             with self._irq_lock:
                 self.intx.fd = slots[0] if slots else None
+            if flags & P.VFIO_IRQ_SET_ACTION_UNMASK:
+                # The client deasserts its pin at its EOI (QEMU: on the next BAR access)
+                # and unmasks; as with the kernel's vfio-pci, a line still asserted
+                # then fires again, or that interrupt would be lost until the level
+                # fell and rose.
+                self.intx.resignal()
         elif index in (P.VFIO_PCI_MSI_IRQ_INDEX, P.VFIO_PCI_MSIX_IRQ_INDEX):
             # The client emulates the MSI/MSI-X capability; SET_IRQS says which one the
             # guest enabled. While enabled (even before its eventfds arrive), the

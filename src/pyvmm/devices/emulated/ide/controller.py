@@ -13,6 +13,15 @@ and runs when the guest sets it.
 Disks attach by position (channel, unit); every ``--disk ...,if=ide`` entry of a
 machine attaches to the one function (``HostContext.shared``; the registry entry is in
 ``spec.py``).
+
+``native=True`` is the function in **native-PCI mode** (PCI IDE Controller
+Specification 1.0; programming interface 0x85: both channels native, not
+programmable, bus master): each channel's Command Block is an 8-byte I/O BAR (0, 2)
+and its Control Block a 4-byte one (1, 3; the register at offset 2), and both
+channels share the function's INTx pin A. The PIIX3 itself has no such mode; it is
+what makes the function a PCI function only — exportable over vfio-user — and it is
+what Linux's libata drives through the BARs and ``pdev->irq``. The legacy ports then
+do not decode (they read all-ones).
 """
 
 from __future__ import annotations
@@ -34,17 +43,45 @@ _LEGACY = ((A.ATA_PRIMARY_CMD, A.ATA_PRIMARY_CTL), (A.ATA_SECONDARY_CMD, A.ATA_S
 _IDETIM = (A.PIIX_IDETIM_PRI, A.PIIX_IDETIM_SEC)
 
 
+class _ChannelIntx:
+    """One channel's INTRQ in native mode: the function's INTx is their OR."""
+
+    def __init__(self, fn: PiixIde, index: int) -> None:
+        self.fn, self.index = fn, index
+
+    def set_level(self, level: bool) -> None:
+        self.fn._intrq[self.index] = level
+        self.fn.set_intx(any(self.fn._intrq))
+
+    def pulse(self) -> None:  # the channels drive levels; kept for the protocol
+        self.set_level(True)
+        self.set_level(False)
+
+
 class PiixIde(PCIDevice):
     name = "piix-ide"
 
-    def __init__(self, mem: GuestMemory, lines: tuple[InterruptLine, InterruptLine]) -> None:
+    def __init__(self, mem: GuestMemory, lines: tuple[InterruptLine, InterruptLine] | None,
+                 native: bool = False) -> None:
         super().__init__()
         self.mem = mem
+        self.native = native
         self.errors = OnceLog()
+        progif = (A.PCI_IDE_PROGIF_PRI_NATIVE | A.PCI_IDE_PROGIF_SEC_NATIVE) if native else 0
         c = self.config = PCIConfigSpace(A.PCI_VENDOR_ID_INTEL,
-                                         A.PCI_DEVICE_ID_INTEL_82371SB_1, A.PIIX_IDE_CLASS)
+                                         A.PCI_DEVICE_ID_INTEL_82371SB_1,
+                                         A.PIIX_IDE_CLASS | progif)
         c.add_bar(A.PIIX_BMIBA_BAR, A.PIIX_BM_SIZE, is_io=True)
-        # No INTx pin: in compatibility mode the channels use IRQ 14 and 15.
+        self._intrq = [False, False]
+        if native:
+            for ch in range(2):
+                c.add_bar(2 * ch, A.PCI_IDE_CMD_BAR_SIZE, is_io=True)
+                c.add_bar(2 * ch + 1, A.PCI_IDE_CTL_BAR_SIZE, is_io=True)
+            c.data[P.PCI_INTERRUPT_PIN] = 1  # INTA#, both channels
+            lines = (_ChannelIntx(self, 0), _ChannelIntx(self, 1))
+        elif lines is None:
+            raise ValueError("compatibility mode needs the two ISA lines")
+        # Compatibility mode has no INTx pin: the channels use IRQ 14 and 15.
         for reg in _IDETIM:
             c.wmask[reg:reg + 2] = A.PIIX_IDETIM_WMASK.to_bytes(2, "little")
         c.wmask[A.PIIX_SIDETIM] = 0xFF
@@ -87,19 +124,32 @@ class PiixIde(PCIDevice):
                 ch.bm.kick()
         return changes
 
-    # --- BMIBA (BAR4) ------------------------------------------------------------------
+    # --- BMIBA (BAR4); in native mode the channels' blocks (BAR0-3) --------------------
     def read_bar(self, index: int, offset: int, size: int) -> int:
-        if index != A.PIIX_BMIBA_BAR:
-            return super().read_bar(index, offset, size)
-        return self.channels[offset // 8].bm.read(offset % 8, min(size, 8 - offset % 8))
+        if index == A.PIIX_BMIBA_BAR:
+            return self.channels[offset // 8].bm.read(offset % 8, min(size, 8 - offset % 8))
+        if self.native and 0 <= index < 4:
+            ch = self.channels[index // 2]
+            if index % 2 == 0:
+                return ch.read_cmd(offset, size)
+            if offset == A.PCI_IDE_CTL_OFFSET:
+                return ch.read_ctl(size)
+            return (1 << (8 * size)) - 1  # the rest of the Control Block BAR: nothing there
+        return super().read_bar(index, offset, size)
 
     def write_bar(self, index: int, offset: int, size: int, value: int) -> None:
         if index == A.PIIX_BMIBA_BAR:
             self.channels[offset // 8].bm.write(offset % 8, min(size, 8 - offset % 8), value)
+        elif self.native and 0 <= index < 4:
+            ch = self.channels[index // 2]
+            if index % 2 == 0:
+                ch.write_cmd(offset, size, value)
+            elif offset == A.PCI_IDE_CTL_OFFSET:
+                ch.write_ctl(size, value)
 
     # --- the legacy ports (a bus device at the fixed ranges of the spec) ----------------
     def _decodes(self, ch: IdeChannel) -> bool:
-        return bool(self.config.command & P.PCI_COMMAND_IO
+        return bool(not self.native and self.config.command & P.PCI_COMMAND_IO
                     and self.config.get16(_IDETIM[ch.index]) & A.PIIX_IDETIM_IDE)
 
     def read(self, base: int, offset: int, size: int) -> int:

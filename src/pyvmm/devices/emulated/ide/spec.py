@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pyvmm import __version__
 from pyvmm.devices.spec import DeviceSpec, DiskConfig, HostContext, IsaRange, Kind
+from pyvmm.errors import ConfigError
 from pyvmm.schema import option
 from pyvmm.uapi import ata as A
 
@@ -26,6 +27,9 @@ class IdeConfig(DiskConfig):
                       "(0x170/0x376, IRQ 15)")
     unit: int = option(0, "position on the channel: 0 (device 0, master) or 1 (device 1, "
                        "slave)")
+    native: bool = option(False, "the function in native-PCI mode: both channels in I/O "
+                          "BARs 0-3 on INTx instead of the legacy ports and IRQs 14/15 "
+                          "(what exports over vfio-user); one mode per function")
 
     def check(self) -> None:
         super().check()
@@ -40,7 +44,21 @@ def create(cfg: IdeConfig, ctx: HostContext) -> PiixIde:
     from pyvmm.devices.emulated.ide.controller import MODEL, PiixIde
     from pyvmm.devices.emulated.ide.disk import AtaDisk
 
-    ctrl = ctx.shared("piix-ide", lambda: PiixIde(ctx.mem, (ctx.line(0), ctx.line(1))))
+    def make() -> PiixIde:
+        if cfg.native:
+            return PiixIde(ctx.mem, None, native=True)
+        try:
+            lines = (ctx.line(0), ctx.line(1))
+        except ConfigError:  # exported: no ISA lines there
+            raise ConfigError("ide: compatibility mode's fixed ports and IRQs 14/15 are no "
+                              "PCI region or interrupt; export it with native=on") from None
+        return PiixIde(ctx.mem, lines)
+
+    ctrl = ctx.shared("piix-ide", make)
+    if ctrl.native != cfg.native:
+        mode = "on" if cfg.native else "off"
+        raise ConfigError(f"ide: bus {cfg.bus} unit {cfg.unit}: native={mode} but the "
+                          "function's other disks say otherwise (one mode per function)")
     ctrl.check_free(cfg.bus, cfg.unit)  # before the image is opened (and locked)
     ctrl.attach(cfg.bus, cfg.unit, AtaDisk(
         cfg.open(ctx), cfg.unit, serial=cfg.serial or f"PYVMM-IDE-{cfg.bus}{cfg.unit}",
@@ -55,4 +73,4 @@ SPEC = DeviceSpec("ide", IdeConfig, Kind.PCI, create,
                        IsaRange("pio", A.ATA_PRIMARY_CTL, 1, "pri-ctl"),
                        IsaRange("pio", A.ATA_SECONDARY_CMD, 8, "sec"),
                        IsaRange("pio", A.ATA_SECONDARY_CTL, 1, "sec-ctl")),
-                  gsi=(A.ATA_PRIMARY_IRQ, A.ATA_SECONDARY_IRQ), exportable=False, doc="ide")
+                  gsi=(A.ATA_PRIMARY_IRQ, A.ATA_SECONDARY_IRQ), exportable=True, doc="ide")
