@@ -42,7 +42,6 @@ completed. Past the deadline the device needs a reset as above.
 
 from __future__ import annotations
 
-import array
 import functools
 import os
 import select
@@ -57,6 +56,7 @@ from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.errors import BackendError, ConfigError
 from pyvmm.event import EventManager
 from pyvmm.memory import GuestMemory
+from pyvmm.peer.requester import Requester
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.uapi import virtio as V
 from pyvmm.vhost_user.inflight import queue_region_size
@@ -124,80 +124,25 @@ _u64 = struct.Struct("<Q")
 _state = struct.Struct("<II")
 
 
-class Channel:
+class Channel(Requester):
     """The front end's end of the socket: one request at a time, every wait bounded by
     ``timeout`` seconds, every reply checked before its payload is read."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
-        sock.setblocking(False)
-        self.sock, self.timeout = sock, timeout
-        self.messages = 0
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _wait(self, events: int, deadline: float, what: str) -> None:
-        p = select.poll()
-        p.register(self.sock.fileno(), events)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BackendError(f"no answer to {what} within {self.timeout:g} s")
-            try:
-                if p.poll(left * 1000):
-                    return
-            except InterruptedError:
-                continue
+        super().__init__(sock, timeout, MAX_FDS)
 
     def send(self, req: Request, payload: bytes = b"", fds: list[int] | None = None,
              need_reply: bool = False) -> None:
         data = encode(req, payload, VHOST_USER_NEED_REPLY_MASK if need_reply else 0)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-               ] if fds else []
-        deadline = time.monotonic() + self.timeout
-        sent = 0
-        while sent < len(data):
-            try:
-                sent += self.sock.sendmsg([data[sent:]], anc if sent == 0 else [])
-            except (BlockingIOError, InterruptedError):
-                self._wait(select.POLLOUT, deadline, req.name)
-            except OSError as e:
-                raise BackendError(f"cannot send {req.name}: {e.strerror or e}") from None
+        self.send_all(data, fds, self.deadline(), req.name)
         self.messages += 1
-
-    def _read(self, n: int, deadline: float, what: str, fds: list[int]) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                data, anc, flags, _ = self.sock.recvmsg(n - len(buf),
-                                                        socket.CMSG_SPACE(4 * MAX_FDS))
-            except (BlockingIOError, InterruptedError):
-                self._wait(select.POLLIN, deadline, what)
-                continue
-            except OSError as e:
-                raise BackendError(f"connection failed during {what}: {e.strerror or e}"
-                                   ) from None
-            for level, typ, cdata in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(cdata[:len(cdata) - len(cdata) % a.itemsize])
-                    fds.extend(a)
-            if flags & socket.MSG_CTRUNC:
-                raise BackendError(f"reply to {what} carried more than {MAX_FDS} fds")
-            if not data:
-                raise BackendError(f"closed the connection during {what}")
-            buf += data
-        return bytes(buf)
 
     def reply(self, req: Request, size: int, *, nfds: int = 0) -> tuple[bytes, list[int]]:
         """The answer to ``req``: exactly ``size`` payload bytes and ``nfds`` fds."""
         deadline = time.monotonic() + self.timeout
         fds: list[int] = []
         try:
-            r, flags, n = HEADER.unpack(self._read(HEADER.size, deadline, req.name, fds))
+            r, flags, n = HEADER.unpack(self.read_exact(HEADER.size, deadline, req.name, fds))
             if r != req:
                 raise BackendError(f"answered {req.name} with request {r}")
             if flags & VHOST_USER_VERSION_MASK != VHOST_USER_VERSION or not (
@@ -206,7 +151,7 @@ class Channel:
             if n != size:
                 raise BackendError(f"reply to {req.name} has {n} payload bytes, "
                                    f"not {size}")
-            payload = self._read(n, deadline, req.name, fds) if n else b""
+            payload = self.read_exact(n, deadline, req.name, fds) if n else b""
             if len(fds) != nfds:
                 raise BackendError(f"reply to {req.name} came with {len(fds)} fds, "
                                    f"not {nfds}")

@@ -47,7 +47,6 @@ goes on. A refused access (an error reply) is logged once and reads as all-ones.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import errno
@@ -71,6 +70,7 @@ from pyvmm.devices.pci.msix import MsixCapability
 from pyvmm.devices.spec import DeviceConfig, DeviceSpec, HostContext, Kind, Mode
 from pyvmm.errors import BackendError, ConfigError, GuestMemoryError
 from pyvmm.memory import check_mappable
+from pyvmm.peer.requester import Requester
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.schema import option
 from pyvmm.uapi import pci as PC
@@ -171,78 +171,20 @@ def _close_fds(fds: list[int]) -> None:
     fds.clear()
 
 
-class Client:
+class Client(Requester):
     """The client's end of the socket: one request at a time (callers hold the
     device's lock), every wait bounded by ``timeout``, every reply checked before its
     payload is used."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
-        sock.setblocking(False)
-        self.sock, self.timeout = sock, timeout
-        self.messages = 0
+        super().__init__(sock, timeout, MAX_FDS)
         self._id = 0
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _wait(self, events: int, deadline: float, what: str) -> None:
-        p = select.poll()
-        p.register(self.sock.fileno(), events)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BackendError(f"no answer to {what} within {self.timeout:g} s")
-            try:
-                if p.poll(left * 1000):
-                    return
-            except InterruptedError:
-                continue
-
-    def _send(self, data: bytes, fds: list[int], deadline: float, what: str) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-               ] if fds else []
-        sent = 0
-        while sent < len(data):
-            try:
-                sent += self.sock.sendmsg([data[sent:]], anc if sent == 0 else [],
-                                          socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                self._wait(select.POLLOUT, deadline, what)
-            except OSError as e:
-                raise BackendError(f"cannot send {what}: {e.strerror or e}") from None
-
-    def _read(self, n: int, deadline: float, what: str, fds: list[int]) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                data, anc, flags, _ = self.sock.recvmsg(
-                    n - len(buf), socket.CMSG_SPACE(4 * MAX_FDS), socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
-                self._wait(select.POLLIN, deadline, what)
-                continue
-            except OSError as e:
-                raise BackendError(f"connection failed during {what}: {e.strerror or e}"
-                                   ) from None
-            for level, typ, raw in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(raw[:len(raw) - len(raw) % a.itemsize])
-                    fds.extend(a)
-            if flags & socket.MSG_CTRUNC:
-                raise BackendError(f"reply to {what} carried more than {MAX_FDS} fds")
-            if not data:
-                raise BackendError(f"closed the connection during {what}")
-            buf += data
-        return bytes(buf)
 
     def post(self, cmd: P.Command, payload: bytes, what: str = "") -> None:
         """Send ``cmd`` flagged no-reply: the server answers nothing, not even an error
         (a posted write). Ordered with every other message on the stream."""
         self._id = (self._id + 1) & 0xFFFF
-        self._send(P.encode(self._id, cmd, payload, P.FLAG_NO_REPLY), [],
+        self.send_all(P.encode(self._id, cmd, payload, P.FLAG_NO_REPLY), [],
                    time.monotonic() + self.timeout, what or cmd.name)
         self.messages += 1
 
@@ -255,11 +197,11 @@ class Client:
         self._id = (self._id + 1) & 0xFFFF
         msg_id = self._id
         deadline = time.monotonic() + self.timeout
-        self._send(P.encode(msg_id, cmd, payload), fds or [], deadline, what)
+        self.send_all(P.encode(msg_id, cmd, payload), fds or [], deadline, what)
         got: list[int] = []
         try:
             rid, rcmd, size, flags, err = P.HEADER.unpack(
-                self._read(P.HEADER.size, deadline, what, got))
+                self.read_exact(P.HEADER.size, deadline, what, got))
             if rid != msg_id or rcmd != cmd:
                 raise BackendError(f"answered {what} (message {msg_id}) with command "
                                    f"{rcmd}, message {rid}")
@@ -267,7 +209,7 @@ class Client:
                 raise BackendError(f"reply to {what} has flags {flags:#x}")
             if not P.HEADER.size <= size <= P.MAX_MESSAGE:
                 raise BackendError(f"reply to {what} is {size} bytes long")
-            body = self._read(size - P.HEADER.size, deadline, what, got
+            body = self.read_exact(size - P.HEADER.size, deadline, what, got
                               ) if size > P.HEADER.size else b""
             if flags & P.FLAG_ERROR:
                 raise Refused(err, what)
