@@ -65,7 +65,17 @@ static u8 not_busy(void)
 
 static void wait_intr(u32 want, int code, const char *what)
 {
-    if (!wait_irq(0x4e, want, SPIN)) {
+    /* Seen once in CI beside a busy loop (kernel irqchip, 8259 route): the first IRQ 14
+     * never arrived within SPIN. Not reproduced since; the guess is that an interrupt
+     * raised while the vCPU sat in the CPL0 port stub (IF=0) may wait on KVM-PVM for
+     * the vCPU's next entry, which a guest spinning at CPL3 never makes. So the wait
+     * exits now and then (a read of the POST port, no IDE register) and is 4x longer. */
+    for (int i = 0; i < 64; i++) {
+        if (wait_irq(0x4e, want, SPIN / 16))
+            return;
+        (void)inb(0x80);
+    }
+    if (!wait_irq(0x4e, want, 1)) {
         printf("FAIL[%d]: no IRQ 14 for %s (irqs=%u want=%u)\n", code, what, irqs(), want);
         exit((u32)code);
     }
