@@ -88,3 +88,17 @@ def close_unix(sock: socket.socket, path: str, inode: tuple[int, int]) -> None:
         st = os.lstat(path)
         if (st.st_dev, st.st_ino) == inode:
             os.unlink(path)
+
+
+def check_socket_path(path: str, what: str) -> None:
+    """A client's config check before the VM is built: a socket is at ``path``
+    (connecting comes later). Raises ValueError with one line."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{what} socket {path!r} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} socket {path!r}: "
+                         f"{getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValueError(f"{what} socket {path!r} is not a socket")

@@ -29,6 +29,17 @@ class Requester:
     def close(self) -> None:
         self.sock.close()
 
+    def unasked(self) -> str | None:
+        """The socket became readable with no request waiting (the event loop saw it):
+        why that ends the session, or None if a request has already taken the reply."""
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None  # a reply a request has already taken
+        except OSError as e:
+            return f"connection failed ({e.strerror or e})"
+        return "closed the connection" if not data else "sent a message unasked"
+
     def deadline(self) -> float:
         return time.monotonic() + self.timeout
 

@@ -301,15 +301,9 @@ class VhostUserFrontend(VirtioDevice):
             ch = self._chan
             if ch is None or conn != self._conn:
                 return
-            try:
-                data = ch.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return  # a reply a request has already taken
-            except OSError as e:
-                why = f"connection failed ({e.strerror or e})"
-            else:
-                why = "closed the connection" if not data else "sent a message unasked"
-            self._lost(BackendError(why))
+            why = ch.unasked()
+            if why is not None:
+                self._lost(BackendError(why))
 
     def _where(self) -> str:
         return f"vhost-user backend {self.path or self.name}"

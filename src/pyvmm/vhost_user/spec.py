@@ -5,8 +5,6 @@ vhost-user device does not import the protocol machinery at start-up (~4 ms meas
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +13,7 @@ from pyvmm.devices.virtio.net import check_mac
 from pyvmm.errors import BackendError, ConfigError
 from pyvmm.schema import option
 from pyvmm.uapi import virtio as V
+from pyvmm.unix_socket import check_socket_path
 
 if TYPE_CHECKING:
     from pyvmm.vhost_user.frontend import Model, VhostUserFrontend
@@ -47,15 +46,7 @@ class VhostUserConfig(VirtioConfig):
 
     def validate(self) -> None:
         """Before the VM is built: a socket is there (connecting comes at build)."""
-        try:
-            st = os.stat(self.socket)
-        except FileNotFoundError:
-            raise ValueError(f"vhost-user socket {self.socket!r} does not exist") from None
-        except (OSError, ValueError) as e:
-            raise ValueError(f"vhost-user socket {self.socket!r}: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ValueError(f"vhost-user socket {self.socket!r} is not a socket")
+        check_socket_path(self.socket, "vhost-user")
 
 
 @dataclass(kw_only=True)

@@ -56,7 +56,6 @@ import mmap
 import os
 import select
 import socket
-import stat
 import struct
 import threading
 import time
@@ -74,6 +73,7 @@ from pyvmm.peer.requester import Requester
 from pyvmm.ratelimit_log import OnceLog
 from pyvmm.schema import option
 from pyvmm.uapi import pci as PC
+from pyvmm.unix_socket import check_socket_path
 from pyvmm.vfio_user import protocol as P
 
 if TYPE_CHECKING:
@@ -133,15 +133,7 @@ class VfioUserConfig(DeviceConfig):
 
     def validate(self) -> None:
         """Before the VM is built: a socket is there (connecting comes at build)."""
-        try:
-            st = os.stat(self.socket)
-        except FileNotFoundError:
-            raise ValueError(f"vfio-user socket {self.socket!r} does not exist") from None
-        except (OSError, ValueError) as e:
-            raise ValueError(f"vfio-user socket {self.socket!r}: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ValueError(f"vfio-user socket {self.socket!r} is not a socket")
+        check_socket_path(self.socket, "vfio-user")
 
 
 # --- the connection ---------------------------------------------------------------------
@@ -622,15 +614,9 @@ class VfioUserDevice(PCIDevice):
             c = self._client
             if c is None or fd != c.fileno():
                 return
-            try:
-                data = c.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return  # a reply a request has already taken
-            except OSError as e:
-                why = f"connection failed ({e.strerror or e})"
-            else:
-                why = "closed the connection" if not data else "sent a message unasked"
-            self._fail(why)
+            why = c.unasked()
+            if why is not None:
+                self._fail(why)
 
     def _fail(self, why: str) -> None:
         """The server is unusable: log once, let go of everything it gave us; the
